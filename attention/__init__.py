@@ -1,0 +1,18 @@
+"""Hierarchical global-local attention: layouts, mask rules, BlockMasks, dispatch."""
+
+from .dispatch import Plan, attend, clear_cache
+from .layout import DETAIL, GUIDANCE, TEXT, Layout
+from .rules import IMAGE_RULE, VIDEO_RULE, MaskRule
+
+__all__ = [
+    "DETAIL",
+    "GUIDANCE",
+    "IMAGE_RULE",
+    "TEXT",
+    "VIDEO_RULE",
+    "Layout",
+    "MaskRule",
+    "Plan",
+    "attend",
+    "clear_cache",
+]

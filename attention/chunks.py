@@ -1,0 +1,97 @@
+"""Chunking for scale: attention over groups of consecutive detail windows.
+
+FlexAttention offsets are int32 (B*H*L*D must stay below 2^31) and a BlockMask holds
+four (N/128)^2 int32 index tensors. Past either limit, queries are split into chunks of
+consecutive windows; a chunk's keys are text, guidance, and the windows its rule can
+reach (own windows, neighbours). Text and guidance queries form one more chunk whose
+keys are text and guidance. Every query keeps exactly its allowed keys, so the result
+equals the unchunked one (up to the order of floating-point sums)."""
+
+from dataclasses import dataclass
+
+import torch
+
+from .blockmask import BLOCK, Side, _reach
+from .layout import Layout
+from .rules import MaskRule
+
+INT32 = 2**31
+
+
+@dataclass(eq=False)
+class Chunk:
+    q: Side
+    kv: Side
+    q_start: int  # queries are the layout positions [q_start, q_end)
+    q_end: int
+    kv_index: torch.Tensor | None  # global key positions; None = the whole sequence
+
+
+def index_bytes(n_q: int, n_kv: int, block: int = BLOCK) -> int:
+    """Bytes of a BlockMask's four int32 index tensors (kv, full kv, q, full q)."""
+    nqb, nkb = -(-n_q // block), -(-n_kv // block)
+    return 4 * 4 * nqb * nkb
+
+
+def _fits(n_q, n_kv, bhd, budget, max_q=None):
+    small = max_q is None or n_q <= max_q
+    return small and bhd * max(n_q, n_kv) < INT32 and index_bytes(n_q, n_kv) <= budget
+
+
+def reach_windows(layout: Layout, rule: MaskRule, shifted: bool, windows: torch.Tensor):
+    """Ascending ids of the detail windows whose keys `windows`' queries may see."""
+    dw = layout.detail_windows
+    lo, hi = dw.origin[windows], dw.origin[windows] + dw.size[windows] - 1
+    w0, w1 = _reach(layout, rule, shifted, lo, hi)
+    span = w1 - w0 + 1
+    m = span.amax(0).tolist()
+    offs = torch.stack(torch.meshgrid(*[torch.arange(x) for x in m], indexing="ij"), -1).reshape(
+        -1, 3
+    )
+    wc = w0[:, None] + offs[None]
+    ok = (offs[None] < span[:, None]).all(-1)
+    gw = layout.window_grid
+    wid = (wc[..., 0] * gw[1] + wc[..., 1]) * gw[2] + wc[..., 2]
+    return torch.unique(wid[ok])
+
+
+def plan_chunks(
+    layout: Layout, rule: MaskRule, shifted: bool, bhd: int, budget: int, max_q: int | None = None
+) -> list[Chunk]:
+    """One chunk (the whole sequence) if it fits, else the fewest chunks that do.
+    max_q, if given, also caps the query tokens of a chunk of windows."""
+    n, head = layout.n, layout.detail_start
+    if _fits(n, n, bhd, budget, max_q):
+        return [Chunk(Side.whole(layout), Side.whole(layout), 0, n, None)]
+    chunks = []
+    if head:
+        if not _fits(head, head, bhd, budget):
+            raise ValueError(
+                f"text + guidance ({head} tokens) alone exceed the limits "
+                f"(B*H*D = {bhd}, index budget {budget} bytes)"
+            )
+        tg = Side(True, True, torch.zeros(0, dtype=torch.long))
+        chunks.append(Chunk(tg, tg, 0, head, torch.arange(head)))
+    dw = layout.detail_windows
+    n_groups = 2
+    while True:
+        groups = torch.tensor_split(torch.arange(layout.n_windows), n_groups)
+        out = []
+        for g in groups:
+            if len(g) == 0:
+                continue
+            q = Side(False, False, g)
+            kv = Side(True, True, reach_windows(layout, rule, shifted, g))
+            n_q, n_kv = q.size(layout), kv.size(layout)
+            if not _fits(n_q, n_kv, bhd, budget, max_q):
+                break
+            start = head + int(dw.start[g[0]])
+            out.append(Chunk(q, kv, start, start + n_q, kv.index(layout)))
+        else:
+            return chunks + out
+        if n_groups >= layout.n_windows:
+            raise ValueError(
+                "a single window exceeds the limits (int32 offsets, index budget "
+                "or the chunk size cap)"
+            )
+        n_groups = min(2 * n_groups, layout.n_windows)

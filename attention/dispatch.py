@@ -1,0 +1,142 @@
+"""One entry point for attention: `attend(q, k, v, plan)`.
+
+plan None          -> dense SDPA (plain FLUX / Wan).
+Plan(backend=...)  -> "flex": FlexAttention with the plan's BlockMask (default);
+                      "reference": refimpl's dense masked softmax (small N only);
+                      "dense": plain SDPA, mask ignored (the baseline benchmarks
+                      compare to; it changes results, so it is never chosen silently).
+"""
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+import refimpl
+
+from .blockmask import analytic_block_mask, mask_block_mask, padded
+from .chunks import plan_chunks
+from .flex import flex
+from .layout import Layout
+from .rules import IMAGE_RULE, MaskRule, fused, tokens
+
+BACKENDS = ("flex", "reference", "dense")
+BUILDERS = ("analytic", "create_block_mask")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A hierarchical attention plan: which tokens attend to which, and how to run it.
+
+    Blocks call `plan.for_layer(i)`: with neighbours="shift", odd layers get the
+    shifted windows."""
+
+    layout: Layout
+    rule: MaskRule = IMAGE_RULE
+    backend: str = "flex"
+    builder: str = "analytic"  # how the flex path gets its BlockMask
+    shifted: bool = False
+    index_budget: int = 1 << 30  # bytes of BlockMask indices before chunking
+    chunk_tokens: int | None = None  # cap on the queries of a chunk (None: as needed)
+    kernel_options: tuple = ()  # flex kernel options, as sorted (key, value) pairs
+    uniform_kernel: bool = False  # one compiled mask for every rule (see rules.fused)
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.builder not in BUILDERS:
+            raise ValueError(f"builder must be one of {BUILDERS}, got {self.builder!r}")
+        if self.shifted and self.rule.neighbours != "shift":
+            raise ValueError("shifted windows need neighbours='shift'")
+
+    def for_layer(self, i: int) -> "Plan":
+        return replace(self, shifted=self.rule.neighbours == "shift" and i % 2 == 1)
+
+
+def reference_mask(plan: Plan) -> torch.Tensor:
+    """refimpl's raster-order mask, permuted into layout order: (N, N) bool."""
+    lay, r = plan.layout, plan.rule
+    ratio = None if lay.ratio is None else (lay.ratio[0], max(lay.ratio[1:]))
+    m = refimpl.raster_mask(
+        lay.text,
+        lay.grid,
+        lay.window,
+        ratio,
+        scope=r.scope,
+        margin=r.margin,
+        neighbours=r.neighbours,
+        halo=r.halo,
+        guidance_sees_text=r.guidance_sees_text,
+        detail_sees_text=r.detail_sees_text,
+        shifted=plan.shifted,
+    )
+    return m[lay.perm][:, lay.perm]
+
+
+_parts_cache: dict = {}
+
+
+def flex_parts(plan: Plan, device, bhd: int):
+    """[(chunk, BlockMask)] for this plan on this device; cached per layout signature."""
+    chunks = plan_chunks(
+        plan.layout, plan.rule, plan.shifted, bhd, plan.index_budget, plan.chunk_tokens
+    )
+    key = (
+        plan.layout,
+        plan.rule,
+        plan.shifted,
+        plan.builder,
+        plan.uniform_kernel,
+        str(device),
+        tuple((c.q_start, c.q_end) for c in chunks),
+    )
+    if key not in _parts_cache:
+        if len(_parts_cache) >= 16:
+            _parts_cache.pop(next(iter(_parts_cache)))
+        parts = []
+        for c in chunks:
+            qi = c.q.index(plan.layout) if c.kv_index is not None else None
+            qt = tokens(plan.layout, qi, plan.shifted, device)
+            kt = tokens(plan.layout, c.kv_index, plan.shifted, device)
+            mod = fused(plan.rule, plan.layout, qt, kt, plan.uniform_kernel)
+            if plan.builder == "analytic":
+                bm = analytic_block_mask(
+                    plan.layout,
+                    plan.rule,
+                    mod,
+                    shifted=plan.shifted,
+                    q=c.q,
+                    kv=c.kv,
+                    device=device,
+                    pad=True,
+                )
+            else:
+                bm = mask_block_mask(mod, padded(qt.n), padded(kt.n), device)
+            kv_index = None if c.kv_index is None else c.kv_index.to(device)
+            parts.append((c, kv_index, bm))
+        _parts_cache[key] = parts
+    return _parts_cache[key]
+
+
+def clear_cache():
+    _parts_cache.clear()
+
+
+def attend(q, k, v, plan: Plan | None = None, scale: float | None = None):
+    """Attention over (B, H, L, D) tensors in layout order."""
+    if plan is None or plan.backend == "dense":
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    n = plan.layout.n
+    if q.shape[2] != n or k.shape[2] != n or v.shape[2] != n:
+        raise ValueError(f"plan is for {n} tokens, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if plan.backend == "reference":
+        return refimpl.attention(q, k, v, reference_mask(plan), scale).to(q.dtype)
+    B, H, _, D = q.shape
+    opts = dict(plan.kernel_options) or None
+    outs = []
+    for c, kv_index, bm in flex_parts(plan, q.device, B * H * D):
+        qc = q[:, :, c.q_start : c.q_end]
+        kc = k if kv_index is None else k.index_select(2, kv_index)
+        vc = v if kv_index is None else v.index_select(2, kv_index)
+        outs.append(flex(qc, kc, vc, bm, scale, opts))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

@@ -1,0 +1,294 @@
+"""Attention benchmark (GPU): dense SDPA against FlexAttention with the hierarchical mask.
+
+    python bench/attention.py                       # flux-4k, flux-8k, wan-4k-81f
+    python bench/attention.py --presets flux-4k --variants
+
+For each preset (bf16, head_dim 128, batch 1, the preset's heads and DESIGN.md's
+default rule) it measures one forward attention call:
+  dense_ms       SDPA, default backend (cuDNN / flash / efficient, torch's choice)
+  flash_ms       SDPA, FlashAttention-2 backend
+  flex_ms        compiled flex_attention with the analytic BlockMask (what `attend` runs)
+  flex_full_ms   compiled flex_attention with every block full (no mask, no skipping)
+  struct_ms      the analytic BlockMask's blocks, all marked full: skipping without
+                 per-element masking (shows what mask evaluation costs)
+  build_ms_analytic / build_ms_create_block_mask   BlockMask construction, both ways;
+                 the two BlockMasks are compared block for block.
+density = non-empty blocks / all blocks; efficiency = flex_full_ms * density / flex_ms
+(how well the block sparsity turns into time); speedup = dense_ms / flex_ms.
+Times are medians over repeated calls after warm-up, with CUDA events.
+Writes bench/results/attention.json and attention.md.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import BlockMask
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from attention.blockmask import analytic_block_mask, mask_block_mask, padded  # noqa: E402
+from attention.flex import flex  # noqa: E402
+from attention.presets import PRESETS  # noqa: E402
+from attention.rules import MaskRule, compose, fused, tokens  # noqa: E402
+from attention.stats import allowed_pairs, block_stats  # noqa: E402
+
+
+def timed(fn, min_reps=3, budget_s=2.0):
+    """Median milliseconds of fn() over repeated calls, after one warm-up call."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    t_end = time.perf_counter() + budget_s
+    while len(times) < min_reps or (time.perf_counter() < t_end and len(times) < 50):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def host_timed(fn, reps=5):
+    """Median wall milliseconds (synchronised) of a host-driven function."""
+    out, times = None, []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2], out
+
+
+def all_full(n_q_blocks, n_kv_blocks, lengths, device):
+    """Every block full: flex with no masking and no skipping."""
+    num = torch.full((1, 1, n_q_blocks), n_kv_blocks, dtype=torch.int32, device=device)
+    idx = (
+        torch.arange(n_kv_blocks, dtype=torch.int32, device=device)
+        .expand(1, 1, n_q_blocks, n_kv_blocks)
+        .contiguous()
+    )
+    zero = torch.zeros_like(num)
+    return BlockMask.from_kv_blocks(zero, torch.zeros_like(idx), num, idx, seq_lengths=lengths)
+
+
+def structure_only(bm):
+    """The same non-empty blocks, all marked full."""
+    dense = bm.to_dense()[0, 0]
+    num = dense.sum(-1, dtype=torch.int32)[None, None]
+    idx = torch.argsort(dense.to(torch.int8), dim=-1, descending=True, stable=True)
+    idx = idx.to(torch.int32)[None, None].contiguous()
+    zero = torch.zeros_like(num)
+    return BlockMask.from_kv_blocks(
+        zero, torch.zeros_like(idx), num, idx, seq_lengths=bm.seq_lengths
+    )
+
+
+def same_blocks(a, b) -> bool:
+    if not torch.equal(a.to_dense(), b.to_dense()):
+        return False
+    fa = BlockMask.from_kv_blocks(a.full_kv_num_blocks, a.full_kv_indices).to_dense()
+    fb = BlockMask.from_kv_blocks(b.full_kv_num_blocks, b.full_kv_indices).to_dense()
+    return torch.equal(fa, fb)
+
+
+def bench_preset(name, args, dev):
+    layout, rule, heads, head_dim = PRESETS[name]
+    n = layout.n
+    print(
+        f"\n== {name}: {layout.describe()}\n   rule: {rule.name}; {heads} heads x {head_dim}",
+        flush=True,
+    )
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v = (
+        torch.randn(1, heads, n, head_dim, device=dev, dtype=torch.bfloat16, generator=g)
+        for _ in range(3)
+    )
+    dense_flop = 4 * n * n * head_dim * heads
+    row = dict(preset=name, tokens=n, heads=heads, head_dim=head_dim, rule=rule.name)
+
+    row["dense_ms"] = timed(lambda: F.scaled_dot_product_attention(q, k, v))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        row["flash_ms"] = timed(lambda: F.scaled_dot_product_attention(q, k, v))
+    print(f"   dense SDPA {row['dense_ms']:.2f} ms, flash {row['flash_ms']:.2f} ms", flush=True)
+
+    tok = tokens(layout, device=dev)
+    mod = fused(rule, layout, tok, tok)
+    build = lambda: analytic_block_mask(layout, rule, mod, device=dev, pad=True)  # noqa: E731
+    build()  # first call: layout tables on the host are cached
+    row["build_ms_analytic"], bm = host_timed(build)
+    s = block_stats(bm)
+    row["density"] = s.density
+    row["element_density"] = allowed_pairs(layout, rule) / (n * n)
+    row["blocks_full"], row["blocks_partial"] = s.full, s.partial
+    print(
+        f"   analytic BlockMask {row['build_ms_analytic']:.1f} ms: density {s.density:.4f} "
+        f"(full {s.full}, partial {s.partial})",
+        flush=True,
+    )
+
+    row["flex_ms"] = timed(lambda: flex(q, k, v, bm))
+    lengths = bm.seq_lengths
+    nqb, nkb = bm.kv_indices.shape[-2:]
+    full = all_full(nqb, nkb, lengths, dev)
+    row["flex_full_ms"] = timed(lambda: flex(q, k, v, full), budget_s=4.0)
+    struct = structure_only(bm)
+    row["struct_ms"] = timed(lambda: flex(q, k, v, struct))
+    print(
+        f"   flex {row['flex_ms']:.2f} ms, all-full {row['flex_full_ms']:.2f} ms, "
+        f"structure-only {row['struct_ms']:.2f} ms",
+        flush=True,
+    )
+
+    if not args.skip_create_block_mask:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        ref = mask_block_mask(mod, padded(n), padded(n), dev)
+        torch.cuda.synchronize()
+        row["build_ms_create_block_mask"] = (time.perf_counter() - t0) * 1e3
+        row["blockmasks_equal"] = same_blocks(bm, ref)
+        print(
+            f"   create_block_mask {row['build_ms_create_block_mask']:.0f} ms; "
+            f"equal to analytic: {row['blockmasks_equal']}",
+            flush=True,
+        )
+    else:
+        row["build_ms_create_block_mask"] = None
+
+    row["speedup"] = row["dense_ms"] / row["flex_ms"]
+    row["speedup_vs_flash"] = row["flash_ms"] / row["flex_ms"]
+    row["efficiency"] = row["flex_full_ms"] * row["density"] / row["flex_ms"]
+    row["efficiency_structure"] = row["flex_full_ms"] * row["density"] / row["struct_ms"]
+    row["dense_tflops"] = dense_flop / row["dense_ms"] / 1e9
+    row["flash_tflops"] = dense_flop / row["flash_ms"] / 1e9
+    row["flex_full_tflops"] = dense_flop / row["flex_full_ms"] / 1e9
+    row["flex_block_tflops"] = 4 * s.nonempty * 128 * 128 * head_dim * heads / row["flex_ms"] / 1e9
+    row["device"] = torch.cuda.get_device_name()
+    print(
+        f"   speedup {row['speedup']:.1f}x, efficiency {row['efficiency']:.3f} "
+        f"(structure only {row['efficiency_structure']:.3f})",
+        flush=True,
+    )
+
+    variants = []
+    if args.variants:
+
+        def variant(label, r=rule, make=fused, **kw):
+            t = tokens(layout, device=dev)
+            m = make(r, layout, t, t, **kw) if make is fused else make(r, t, t)
+            b = analytic_block_mask(layout, r, m, device=dev, pad=True)
+            ms = timed(lambda: flex(q, k, v, b))
+            st = block_stats(b)
+            variants.append(
+                dict(
+                    preset=name,
+                    variant=label,
+                    flex_ms=ms,
+                    density=st.density,
+                    efficiency=row["flex_full_ms"] * st.density / ms,
+                )
+            )
+            print(f"   variant {label}: {ms:.2f} ms, density {st.density:.4f}", flush=True)
+
+        variant("composed mask_mod", make=compose)
+        variant("uniform fused kernel", uniform=True)
+        if rule.neighbours == "halo":
+            variant("neighbours none", r=MaskRule(**{**rule.__dict__, "neighbours": "none"}))
+    return row, variants
+
+
+def write_results(rows, variants, args, out_dir):
+    meta = dict(
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        date=datetime.date.today().isoformat(),
+        command=" ".join(["python"] + sys.argv),
+        python=platform.python_version(),
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "attention.json"), "w") as f:
+        json.dump([{**r, **{k: meta[k] for k in ("torch", "date")}} for r in rows], f, indent=1)
+    if variants:
+        with open(os.path.join(out_dir, "attention-variants.json"), "w") as f:
+            json.dump(variants, f, indent=1)
+    lines = [
+        "# Attention benchmark",
+        "",
+        f"- device: {meta['device']}",
+        f"- torch: {meta['torch']}",
+        f"- date: {meta['date']}",
+        f"- command: `{meta['command']}`",
+        "",
+        "One forward attention call, bf16, batch 1, head_dim 128. Times are medians (CUDA "
+        "events). density = non-empty 128x128 blocks / all blocks; efficiency = "
+        "flex_full_ms x density / flex_ms; speedup = dense_ms / flex_ms.",
+        "",
+        "| preset | tokens | dense ms (TFLOP/s) | flash ms (TFLOP/s) | flex ms | speedup | "
+        "density | element density | flex all-full ms (TFLOP/s) | efficiency | "
+        "structure-only ms (eff.) | build analytic ms | build create_block_mask ms | equal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cbm = r.get("build_ms_create_block_mask")
+        lines.append(
+            f"| {r['preset']} | {r['tokens']:,} | {r['dense_ms']:.2f} ({r['dense_tflops']:.0f}) | "
+            f"{r['flash_ms']:.2f} ({r['flash_tflops']:.0f}) | {r['flex_ms']:.2f} | "
+            f"{r['speedup']:.1f}x | {r['density']:.4f} | {r['element_density']:.4f} | "
+            f"{r['flex_full_ms']:.2f} ({r['flex_full_tflops']:.0f}) | {r['efficiency']:.3f} | "
+            f"{r['struct_ms']:.2f} ({r['efficiency_structure']:.3f}) | "
+            f"{r['build_ms_analytic']:.1f} | {'-' if cbm is None else f'{cbm:.0f}'} | "
+            f"{r.get('blockmasks_equal', '-')} |"
+        )
+    if variants:
+        lines += [
+            "",
+            "Variants (same inputs):",
+            "",
+            "| preset | variant | flex ms | density | efficiency |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {v['preset']} | {v['variant']} | {v['flex_ms']:.2f} | {v['density']:.4f} "
+            f"| {v['efficiency']:.3f} |"
+            for v in variants
+        ]
+    with open(os.path.join(out_dir, "attention.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--presets", default="flux-4k,flux-8k,wan-4k-81f")
+    p.add_argument("--variants", action="store_true", help="also time mask_mod variants")
+    p.add_argument(
+        "--skip-create-block-mask",
+        action="store_true",
+        help="skip the slow create_block_mask build (about a minute at wan-4k)",
+    )
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/attention.py needs a CUDA GPU")
+    rows, variants = [], []
+    for name in args.presets.split(","):
+        r, v = bench_preset(name, args, "cuda")
+        rows.append(r)
+        variants += v
+        torch.cuda.empty_cache()
+    write_results(rows, variants, args, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""The compiled FlexAttention path against the reference, on CPU in fp32."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attention import IMAGE_RULE, Layout, Plan, attend
+from attention.dispatch import flex_parts
+from tests.strategies import plans
+
+D = 16  # one head size keeps the number of compiled kernels small
+SHAPES = st.sampled_from([(1, 1), (2, 3)])  # (batch, heads)
+
+
+def qkv(b, h, n, seed, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, n, D, generator=g).to(device, dtype) for _ in range(3)]
+
+
+@given(plans(max_tokens=300), SHAPES, st.integers(0, 2**31 - 1))
+@settings(max_examples=40)
+def test_flex_equals_reference(plan, shape, seed):
+    layout, rule, shifted = plan
+    q, k, v = qkv(*shape, layout.n, seed)
+    ref = attend(q, k, v, Plan(layout, rule, backend="reference", shifted=shifted))
+    out = attend(q, k, v, Plan(layout, rule, shifted=shifted))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)  # fp32
+
+
+@given(plans(max_tokens=300), SHAPES, st.integers(20, 150), st.integers(0, 2**31 - 1))
+@settings(max_examples=25)
+def test_chunked_equals_unchunked(plan, shape, max_q, seed):
+    layout, rule, shifted = plan
+    max_q = max(max_q, int(layout.detail_windows.volume.max()))
+    q, k, v = qkv(*shape, layout.n, seed)
+    whole = attend(q, k, v, Plan(layout, rule, shifted=shifted))
+    chunked_plan = Plan(layout, rule, shifted=shifted, chunk_tokens=max_q)
+    chunked = attend(q, k, v, chunked_plan)
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)  # fp32, sums reordered
+
+
+def test_chunking_kicks_in_at_the_index_budget():
+    lay = Layout(grid=(40, 40), window=(8, 8), text=5, ratio=2)
+    plan = Plan(lay, IMAGE_RULE, index_budget=16 * 4 * 4)  # at most 4x4 blocks a chunk
+    parts = flex_parts(plan, "cpu", 1)
+    assert len(parts) > 2
+    for _, _, bm in parts:
+        assert bm.kv_indices.shape[-1] * bm.kv_indices.shape[-2] <= 16
+    q, k, v = qkv(2, 3, lay.n, 0)
+    ref = attend(q, k, v, Plan(lay, IMAGE_RULE, backend="reference"))
+    torch.testing.assert_close(attend(q, k, v, plan), ref, atol=1e-5, rtol=0)
+
+
+def test_chunking_kicks_in_at_int32_offsets():
+    from attention.chunks import plan_chunks
+
+    lay = Layout(grid=(64, 64), window=(16, 16), text=8, ratio=4)
+    assert len(plan_chunks(lay, IMAGE_RULE, False, 2**31 // lay.n - 1, 1 << 40)) == 1
+    chunks = plan_chunks(lay, IMAGE_RULE, False, 2**31 // lay.n + 1, 1 << 40)
+    assert len(chunks) > 1
+    bhd = 2**31 // lay.n + 1
+    for c in chunks:
+        assert bhd * max(c.q_end - c.q_start, len(c.kv_index)) < 2**31
+
+
+def test_dense_backend_ignores_the_mask_and_none_is_sdpa():
+    lay = Layout(grid=(6, 6), window=(3, 3), text=2, ratio=3)
+    q, k, v = qkv(1, 2, lay.n, 1)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(attend(q, k, v, None), sdpa)
+    assert torch.equal(attend(q, k, v, Plan(lay, backend="dense")), sdpa)
+    masked = attend(q, k, v, Plan(lay))
+    assert (masked - sdpa).abs().max() > 1e-3  # the mask does change the result
+
+
+def test_shift_plan_alternates_layers():
+    from attention import MaskRule
+
+    lay = Layout(grid=(8, 8), window=(4, 4))
+    plan = Plan(lay, MaskRule(neighbours="shift"))
+    assert not plan.for_layer(0).shifted and plan.for_layer(1).shifted
+    assert not Plan(lay).for_layer(1).shifted
+    with pytest.raises(ValueError, match="shift"):
+        Plan(lay, shifted=True)
+
+
+def test_wrong_length_is_a_clear_error():
+    lay = Layout(grid=(6, 6), window=(3, 3))
+    q, k, v = qkv(1, 1, lay.n + 1, 0)
+    with pytest.raises(ValueError, match="plan is for 36 tokens"):
+        attend(q, k, v, Plan(lay))
