@@ -19,6 +19,7 @@ A `Side` says which tokens of the layout the queries or the keys are: the whole
 sequence, or for a chunk, some detail windows (keys: plus text and guidance).
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -292,8 +293,12 @@ def _within_all(lo_a, hi_a, lo_b, hi_b, r):
     return (gap <= r).all(-1), (span <= r).all(-1)
 
 
+TERMS = ("bits", "cell", "near", "aligned")  # the parts of rules.fused, see there
+
+
 def classify(layout, rule, shifted, qb: Boxes, kb: Boxes, q_blk, k_blk, chunk=1 << 22):
-    """Exact (non-empty, full) flags of the block pairs (q_blk[i], k_blk[i])."""
+    """Exact flags of the block pairs (q_blk[i], k_blk[i]): non-empty (p,), full (p,),
+    and for each of TERMS whether it is true for some element of the pair (p, 4)."""
     dev = qb.seg.device
     sees = torch.zeros(3, 3, dtype=torch.bool)  # segment-level rules [q seg, k seg]
     sees[TEXT, TEXT] = sees[TEXT, GUIDANCE] = sees[GUIDANCE, GUIDANCE] = True
@@ -305,12 +310,12 @@ def classify(layout, rule, shifted, qb: Boxes, kb: Boxes, q_blk, k_blk, chunk=1 
     shift = torch.tensor(layout.shift if shifted else (0, 0, 0), device=dev)
     Kq, Kk = qb.seg.shape[1], kb.seg.shape[1]
     step = max(1, chunk // (Kq * Kk))
-    anys, fulls = [], []
+    anys, fulls, terms = [], [], []
     for i in range(0, len(q_blk), step):
         qi, ki = q_blk[i : i + step], k_blk[i : i + step]
         qs, ks = qb.seg[qi][:, :, None], kb.seg[ki][:, None, :]  # (p, Kq, 1), (p, 1, Kk)
         valid = (qs >= 0) & (ks >= 0)
-        seg_ok = sees[qs.clamp(min=0), ks.clamp(min=0)]
+        seg_ok = valid & sees[qs.clamp(min=0), ks.clamp(min=0)]
         q_lo, q_hi = qb.lo[qi][:, :, None], qb.hi[qi][:, :, None]  # (p, Kq, 1, 3)
         k_lo, k_hi = kb.lo[ki][:, None], kb.hi[ki][:, None]  # (p, 1, Kk, 3)
         dd = (qs == DETAIL) & (ks == DETAIL)
@@ -319,21 +324,28 @@ def classify(layout, rule, shifted, qb: Boxes, kb: Boxes, q_blk, k_blk, chunk=1 
         ck0, ck1 = (k_lo + shift) // window, (k_hi + shift) // window
         own_any = dd & ((cq0 <= ck1) & (ck0 <= cq1)).all(-1)
         own_all = dd & ((cq0 == cq1) & (ck0 == ck1) & (cq0 == ck0)).all(-1)
+        near_any = torch.zeros_like(dd)
+        al_any = torch.zeros_like(dd)
         any_, all_ = seg_ok | own_any, seg_ok | own_all
         if rule.neighbours == "halo":
             h_any, h_all = _within_all(q_lo, q_hi, k_lo, k_hi, rule.halo)
-            any_, all_ = any_ | (dd & h_any), all_ | (dd & h_all)
+            near_any = dd & h_any
+            any_, all_ = any_ | near_any, all_ | (dd & h_all)
         if rule.scope == "aligned":
             dg = (qs == DETAIL) & (ks == GUIDANCE)
             qw = qb.win[qi][:, :, None]
             a_any, a_all = _within_all(qw, qw, k_lo, k_hi, rule.margin)
-            any_, all_ = any_ | (dg & a_any), all_ | (dg & a_all)
+            al_any = dg & a_any
+            any_, all_ = any_ | al_any, all_ | (dg & a_all)
         anys.append((valid & any_).flatten(1).any(1))
         fulls.append((~valid | all_).flatten(1).all(1))
+        t = torch.stack([seg_ok, own_any, near_any, al_any], -1)  # (p, Kq, Kk, 4)
+        terms.append(t.flatten(1, 2).any(1))
     if not anys:
-        empty = torch.zeros(0, dtype=torch.bool, device=dev)
-        return empty, empty
-    return torch.cat(anys), torch.cat(fulls)
+        return (torch.zeros(0, dtype=torch.bool, device=dev),) * 2 + (
+            torch.zeros(0, 4, dtype=torch.bool, device=dev),
+        )
+    return torch.cat(anys), torch.cat(fulls), torch.cat(terms)
 
 
 def _ordered(rows, cols, n_rows, n_cols):
@@ -350,8 +362,88 @@ def _transposed(rows, cols, n_rows, n_cols):
     return _ordered(cols[order], rows[order], n_cols, n_rows)
 
 
-def padded(n: int, block: int = BLOCK) -> int:
-    return -(-n // block) * block
+def padded(n: int, block=BLOCK) -> int:
+    """n rounded up to whole blocks (of both sizes, for a (query, key) pair)."""
+    unit = math.lcm(*_sizes(block))
+    return -(-n // unit) * unit
+
+
+def _sizes(block) -> tuple[int, int]:
+    return (block, block) if isinstance(block, int) else tuple(block)
+
+
+@dataclass
+class Blocks:
+    """The exact block structure of a rule between two sides."""
+
+    q_blk: torch.Tensor  # (p,) query block of each non-empty pair
+    k_blk: torch.Tensor  # (p,) key block
+    full: torch.Tensor  # (p,) bool: every element allowed (else partial)
+    lengths: tuple[int, int]  # tokens on each side
+    block: tuple[int, int]  # (query block, key block) sizes
+    n_blocks: tuple[int, int]
+    terms: tuple[str, ...]  # the TERMS true somewhere inside a partial block
+
+
+def block_structure(
+    layout: Layout,
+    rule: MaskRule,
+    *,
+    shifted=False,
+    q: Side | None = None,
+    kv: Side | None = None,
+    block=BLOCK,
+    device="cpu",
+) -> Blocks:
+    """Non-empty block pairs of `rule` between sides q and kv (default: the whole
+    sequence) and which are full, without evaluating any pair of tokens."""
+    bq, bk = _sizes(block)
+    q = Side.whole(layout) if q is None else q
+    kv = Side.whole(layout) if kv is None else kv
+    qb = block_boxes(layout, q, bq).to(device)
+    kb = block_boxes(layout, kv, bk).to(device)
+    nq, nk = qb.n_blocks, kb.n_blocks
+    q_blk, k_blk = candidate_pairs(layout, rule, shifted, qb, kv, nk, bk)
+    any_, full, terms = classify(layout, rule, shifted, qb, kb, q_blk, k_blk)
+    # the ragged last block is padded by create_block_mask, so never full
+    if qb.length % bq:
+        full &= q_blk != nq - 1
+    if kb.length % bk:
+        full &= k_blk != nk - 1
+    used = terms[any_ & ~full].any(0).tolist() if len(terms) else [False] * 4
+    return Blocks(
+        q_blk[any_],
+        k_blk[any_],
+        full[any_],
+        (qb.length, kb.length),
+        (bq, bk),
+        (nq, nk),
+        tuple(t for t, u in zip(TERMS, used) if u),
+    )
+
+
+def to_block_mask(b: Blocks, mask_mod, pad=False) -> BlockMask:
+    """A flex BlockMask of the structure b. pad: sequence lengths rounded up to whole
+    blocks (the mask_mod must reject the padding, as the `rules` tables do)."""
+    (nq, nk), part, lengths = b.n_blocks, ~b.full, b.lengths
+    if pad:  # padding adds empty blocks
+        lengths = (padded(lengths[0], b.block), padded(lengths[1], b.block))
+        nq, nk = lengths[0] // b.block[0], lengths[1] // b.block[1]
+    kv_num, kv_idx = _ordered(b.q_blk[part], b.k_blk[part], nq, nk)
+    fkv_num, fkv_idx = _ordered(b.q_blk[b.full], b.k_blk[b.full], nq, nk)
+    bm = BlockMask.from_kv_blocks(
+        kv_num,
+        kv_idx,
+        fkv_num,
+        fkv_idx,
+        BLOCK_SIZE=b.block,
+        mask_mod=mask_mod,
+        seq_lengths=lengths,
+        compute_q_blocks=False,
+    )
+    bm.q_num_blocks, bm.q_indices = _transposed(b.q_blk[part], b.k_blk[part], nq, nk)
+    bm.full_q_num_blocks, bm.full_q_indices = _transposed(b.q_blk[b.full], b.k_blk[b.full], nq, nk)
+    return bm
 
 
 def analytic_block_mask(
@@ -367,45 +459,14 @@ def analytic_block_mask(
     pad=False,
 ) -> BlockMask:
     """The BlockMask of `rule` between sides q and kv (default: the whole sequence),
-    equal to create_block_mask(mask_mod, ...) without evaluating any pair of tokens.
-    pad: sequence lengths rounded up to whole blocks (the mask_mod must reject the
-    padding, as `rules` tables do)."""
-    q = Side.whole(layout) if q is None else q
-    kv = Side.whole(layout) if kv is None else kv
-    qb = block_boxes(layout, q, block).to(device)
-    kb = block_boxes(layout, kv, block).to(device)
-    nq, nk = qb.n_blocks, kb.n_blocks
-    q_blk, k_blk = candidate_pairs(layout, rule, shifted, qb, kv, nk, block)
-    any_, full = classify(layout, rule, shifted, qb, kb, q_blk, k_blk)
-    # the ragged last block is padded by create_block_mask, so never full
-    if qb.length % block:
-        full &= q_blk != nq - 1
-    if kb.length % block:
-        full &= k_blk != nk - 1
-    part = any_ & ~full
-    kv_num, kv_idx = _ordered(q_blk[part], k_blk[part], nq, nk)
-    fkv_num, fkv_idx = _ordered(q_blk[full], k_blk[full], nq, nk)
-    lengths = (
-        (padded(qb.length, block), padded(kb.length, block)) if pad else (qb.length, kb.length)
-    )
-    bm = BlockMask.from_kv_blocks(
-        kv_num,
-        kv_idx,
-        fkv_num,
-        fkv_idx,
-        BLOCK_SIZE=block,
-        mask_mod=mask_mod,
-        seq_lengths=lengths,
-        compute_q_blocks=False,
-    )
-    bm.q_num_blocks, bm.q_indices = _transposed(q_blk[part], k_blk[part], nq, nk)
-    bm.full_q_num_blocks, bm.full_q_indices = _transposed(q_blk[full], k_blk[full], nq, nk)
-    return bm
+    equal to create_block_mask(mask_mod, ...) without evaluating any pair of tokens."""
+    b = block_structure(layout, rule, shifted=shifted, q=q, kv=kv, block=block, device=device)
+    return to_block_mask(b, mask_mod, pad)
 
 
 def mask_block_mask(mask_mod, n_q: int, n_kv: int, device="cpu", block=BLOCK) -> BlockMask:
     """create_block_mask over every (query, key) pair; compiled for large inputs."""
     big = n_q * n_kv > (1 << 26)
     return create_block_mask(
-        mask_mod, None, None, n_q, n_kv, device=device, BLOCK_SIZE=block, _compile=big
+        mask_mod, None, None, n_q, n_kv, device=device, BLOCK_SIZE=_sizes(block), _compile=big
     )

@@ -7,6 +7,7 @@ reach (own windows, neighbours). Text and guidance queries form one more chunk w
 keys are text and guidance. Every query keeps exactly its allowed keys, so the result
 equals the unchunked one (up to the order of floating-point sums)."""
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,15 +28,17 @@ class Chunk:
     kv_index: torch.Tensor | None  # global key positions; None = the whole sequence
 
 
-def index_bytes(n_q: int, n_kv: int, block: int = BLOCK) -> int:
+def index_bytes(n_q: int, n_kv: int, block=(BLOCK, BLOCK)) -> int:
     """Bytes of a BlockMask's four int32 index tensors (kv, full kv, q, full q)."""
-    nqb, nkb = -(-n_q // block), -(-n_kv // block)
+    nqb, nkb = -(-n_q // block[0]), -(-n_kv // block[1])
     return 4 * 4 * nqb * nkb
 
 
-def _fits(n_q, n_kv, bhd, budget, max_q=None):
+def _fits(n_q, n_kv, bhd, budget, max_q=None, block=(BLOCK, BLOCK)):
     small = max_q is None or n_q <= max_q
-    return small and bhd * max(n_q, n_kv) < INT32 and index_bytes(n_q, n_kv) <= budget
+    unit = math.lcm(*block)
+    pq, pk = -(-n_q // unit) * unit, -(-n_kv // unit) * unit  # padded to whole blocks
+    return small and bhd * max(pq, pk) < INT32 and index_bytes(n_q, n_kv, block) <= budget
 
 
 def reach_windows(layout: Layout, rule: MaskRule, shifted: bool, windows: torch.Tensor):
@@ -56,16 +59,22 @@ def reach_windows(layout: Layout, rule: MaskRule, shifted: bool, windows: torch.
 
 
 def plan_chunks(
-    layout: Layout, rule: MaskRule, shifted: bool, bhd: int, budget: int, max_q: int | None = None
+    layout: Layout,
+    rule: MaskRule,
+    shifted: bool,
+    bhd: int,
+    budget: int,
+    max_q: int | None = None,
+    block=(BLOCK, BLOCK),
 ) -> list[Chunk]:
     """One chunk (the whole sequence) if it fits, else the fewest chunks that do.
     max_q, if given, also caps the query tokens of a chunk of windows."""
     n, head = layout.n, layout.detail_start
-    if _fits(n, n, bhd, budget, max_q):
+    if _fits(n, n, bhd, budget, max_q, block):
         return [Chunk(Side.whole(layout), Side.whole(layout), 0, n, None)]
     chunks = []
     if head:
-        if not _fits(head, head, bhd, budget):
+        if not _fits(head, head, bhd, budget, None, block):
             raise ValueError(
                 f"text + guidance ({head} tokens) alone exceed the limits "
                 f"(B*H*D = {bhd}, index budget {budget} bytes)"
@@ -83,7 +92,7 @@ def plan_chunks(
             q = Side(False, False, g)
             kv = Side(True, True, reach_windows(layout, rule, shifted, g))
             n_q, n_kv = q.size(layout), kv.size(layout)
-            if not _fits(n_q, n_kv, bhd, budget, max_q):
+            if not _fits(n_q, n_kv, bhd, budget, max_q, block):
                 break
             start = head + int(dw.start[g[0]])
             out.append(Chunk(q, kv, start, start + n_q, kv.index(layout)))

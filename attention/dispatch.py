@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import refimpl
 
-from .blockmask import analytic_block_mask, mask_block_mask, padded
+from .blockmask import BLOCK, block_structure, mask_block_mask, padded, to_block_mask
 from .chunks import plan_chunks
 from .flex import flex
 from .layout import Layout
@@ -36,6 +36,7 @@ class Plan:
     backend: str = "flex"
     builder: str = "analytic"  # how the flex path gets its BlockMask
     shifted: bool = False
+    block: tuple = (BLOCK, BLOCK)  # BlockMask (query, key) block sizes
     index_budget: int = 1 << 30  # bytes of BlockMask indices before chunking
     chunk_tokens: int | None = None  # cap on the queries of a chunk (None: as needed)
     kernel_options: tuple = ()  # flex kernel options, as sorted (key, value) pairs
@@ -73,13 +74,40 @@ def reference_mask(plan: Plan) -> torch.Tensor:
     return m[lay.perm][:, lay.perm]
 
 
+def build_part(plan: Plan, chunk, device):
+    """(kv_index on device or None, BlockMask) for one chunk of a plan."""
+    lay = plan.layout
+    q_index = chunk.q.index(lay) if chunk.kv_index is not None else None
+    qt = tokens(lay, q_index, plan.shifted, device)
+    kt = tokens(lay, chunk.kv_index, plan.shifted, device)
+    if plan.builder == "analytic":
+        b = block_structure(
+            lay,
+            plan.rule,
+            shifted=plan.shifted,
+            q=chunk.q,
+            kv=chunk.kv,
+            block=plan.block,
+            device=device,
+        )
+        mod = fused(plan.rule, lay, qt, kt, plan.uniform_kernel, b.terms)
+        bm = to_block_mask(b, mod, pad=True)
+    else:
+        mod = fused(plan.rule, lay, qt, kt, plan.uniform_kernel)
+        n_q, n_kv = padded(qt.n, plan.block), padded(kt.n, plan.block)
+        bm = mask_block_mask(mod, n_q, n_kv, device, plan.block)
+    kv_index = None if chunk.kv_index is None else chunk.kv_index.to(device)
+    return kv_index, bm
+
+
 _parts_cache: dict = {}
 
 
 def flex_parts(plan: Plan, device, bhd: int):
-    """[(chunk, BlockMask)] for this plan on this device; cached per layout signature."""
+    """[(chunk, kv_index, BlockMask)] for this plan on this device, cached per layout
+    signature (layout, rule, layer parity, builder, blocks, device, chunking)."""
     chunks = plan_chunks(
-        plan.layout, plan.rule, plan.shifted, bhd, plan.index_budget, plan.chunk_tokens
+        plan.layout, plan.rule, plan.shifted, bhd, plan.index_budget, plan.chunk_tokens, plan.block
     )
     key = (
         plan.layout,
@@ -87,34 +115,14 @@ def flex_parts(plan: Plan, device, bhd: int):
         plan.shifted,
         plan.builder,
         plan.uniform_kernel,
+        plan.block,
         str(device),
         tuple((c.q_start, c.q_end) for c in chunks),
     )
     if key not in _parts_cache:
         if len(_parts_cache) >= 16:
             _parts_cache.pop(next(iter(_parts_cache)))
-        parts = []
-        for c in chunks:
-            qi = c.q.index(plan.layout) if c.kv_index is not None else None
-            qt = tokens(plan.layout, qi, plan.shifted, device)
-            kt = tokens(plan.layout, c.kv_index, plan.shifted, device)
-            mod = fused(plan.rule, plan.layout, qt, kt, plan.uniform_kernel)
-            if plan.builder == "analytic":
-                bm = analytic_block_mask(
-                    plan.layout,
-                    plan.rule,
-                    mod,
-                    shifted=plan.shifted,
-                    q=c.q,
-                    kv=c.kv,
-                    device=device,
-                    pad=True,
-                )
-            else:
-                bm = mask_block_mask(mod, padded(qt.n), padded(kt.n), device)
-            kv_index = None if c.kv_index is None else c.kv_index.to(device)
-            parts.append((c, kv_index, bm))
-        _parts_cache[key] = parts
+        _parts_cache[key] = [(c, *build_part(plan, c, device)) for c in chunks]
     return _parts_cache[key]
 
 

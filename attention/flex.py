@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
 _compiled = None
+RECOMPILE_LIMIT = 64  # kernels: rule shapes x dtypes x batch/head counts x devices
 
 
 def _pad(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -23,12 +24,17 @@ def flex(q, k, v, block_mask, scale=None, kernel_options=None):
     if _compiled is None:
         _compiled = torch.compile(flex_attention, dynamic=True)
     n_q, n_kv = block_mask.seq_lengths
-    out = _compiled(
-        _pad(q, n_q),
-        _pad(k, n_kv),
-        _pad(v, n_kv),
-        block_mask=block_mask,
-        scale=scale,
-        kernel_options=kernel_options,
-    )
+    # Past its recompile limit dynamo would quietly run flex_attention eagerly, which
+    # materialises the full score matrix: allow more kernels, then fail loudly.
+    with torch._dynamo.config.patch(
+        recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True
+    ):
+        out = _compiled(
+            _pad(q, n_q),
+            _pad(k, n_kv),
+            _pad(v, n_kv),
+            block_mask=block_mask,
+            scale=scale,
+            kernel_options=kernel_options,
+        )
     return out[:, :, : q.shape[2]]

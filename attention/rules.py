@@ -273,9 +273,16 @@ def fused_tables(rule: MaskRule, layout: Layout, q: Tokens, k: Tokens) -> Fused:
     )
 
 
-def fused(rule: MaskRule, layout: Layout, q: Tokens, k: Tokens, uniform: bool = False):
-    """`compose(rule, q, k)` in few integer ops per element.
+def fused(rule: MaskRule, layout: Layout, q: Tokens, k: Tokens, uniform: bool = False, terms=None):
+    """`compose(rule, q, k)` in few integer ops per element: the OR of four terms,
+      bits     (q_sees & k_bit) != 0       text / guidance / scope-all rules
+      cell     q_cell == k_cell            own (or shifted) window
+      near     |q_pos - k_pos| <= halo     on every axis
+      aligned  |q_wpos - k_wpos| <= margin on every axis
+    each false wherever its rule does not apply (role-specific sentinels).
 
+    terms: keep only these (a BlockMask's partial blocks may need fewer: see
+    blockmask.Blocks.terms; the kernel evaluates the mask on partial blocks only).
     By default terms whose rule is off are left out of the code, so each kind of rule
     compiles to the smallest kernel. uniform=True keeps every term (an unused halo or
     margin becomes -1, which nothing is within) on all three axes, so one compiled
@@ -283,11 +290,18 @@ def fused(rule: MaskRule, layout: Layout, q: Tokens, k: Tokens, uniform: bool = 
     t = fused_tables(rule, layout, q, k)
     radius = rule.halo if rule.neighbours == "halo" else None
     margin = rule.margin if rule.scope == "aligned" else None
+    keep = {"bits", "cell", "near", "aligned"} if terms is None or uniform else set(terms)
     if uniform:
         dev = q.seg.device
         radius = torch.tensor(-1 if radius is None else radius, device=dev)
         margin = torch.tensor(-1 if margin is None else margin, device=dev)
         t.axes = (0, 1, 2)
+    if "near" not in keep:
+        radius = None
+    if "aligned" not in keep:
+        margin = None
+    use_bits = "bits" in keep
+    use_cell = "cell" in keep or not keep  # an all-false mask still needs one term
 
     def within(qp, kp, qi, ki, r):
         out = None
@@ -297,12 +311,28 @@ def fused(rule: MaskRule, layout: Layout, q: Tokens, k: Tokens, uniform: bool = 
         return out
 
     def mod(b, h, qi, ki):
-        out = (t.q_sees[qi] & t.k_bit[ki]) != 0
-        out = out | (t.q_cell[qi] == t.k_cell[ki])
+        out = None
+        if use_bits:
+            out = (t.q_sees[qi] & t.k_bit[ki]) != 0
+        if use_cell:
+            cell = t.q_cell[qi] == t.k_cell[ki]
+            out = cell if out is None else out | cell
         if radius is not None:
-            out = out | within(t.q_pos, t.k_pos, qi, ki, radius)
+            near = within(t.q_pos, t.k_pos, qi, ki, radius)
+            out = near if out is None else out | near
         if margin is not None:
-            out = out | within(t.q_wpos, t.k_wpos, qi, ki, margin)
+            al = within(t.q_wpos, t.k_wpos, qi, ki, margin)
+            out = al if out is None else out | al
         return out
 
-    return _named(mod, f"fused[{rule.name}]")
+    name = "+".join(
+        n
+        for n, on in (
+            ("bits", use_bits),
+            ("cell", use_cell),
+            ("near", radius is not None),
+            ("aligned", margin is not None),
+        )
+        if on
+    )
+    return _named(mod, f"fused[{rule.name}; {name}]")

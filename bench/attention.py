@@ -34,7 +34,9 @@ from torch.nn.attention.flex_attention import BlockMask
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from attention.blockmask import analytic_block_mask, mask_block_mask, padded  # noqa: E402
+from attention import Plan  # noqa: E402
+from attention.blockmask import block_structure, mask_block_mask, padded, to_block_mask  # noqa: E402
+from attention.dispatch import flex_parts  # noqa: E402
 from attention.flex import flex  # noqa: E402
 from attention.presets import PRESETS  # noqa: E402
 from attention.rules import MaskRule, compose, fused, tokens  # noqa: E402
@@ -71,28 +73,26 @@ def host_timed(fn, reps=5):
     return times[len(times) // 2], out
 
 
-def all_full(n_q_blocks, n_kv_blocks, lengths, device):
-    """Every block full: flex with no masking and no skipping."""
-    num = torch.full((1, 1, n_q_blocks), n_kv_blocks, dtype=torch.int32, device=device)
-    idx = (
-        torch.arange(n_kv_blocks, dtype=torch.int32, device=device)
-        .expand(1, 1, n_q_blocks, n_kv_blocks)
-        .contiguous()
-    )
-    zero = torch.zeros_like(num)
-    return BlockMask.from_kv_blocks(zero, torch.zeros_like(idx), num, idx, seq_lengths=lengths)
-
-
-def structure_only(bm):
-    """The same non-empty blocks, all marked full."""
-    dense = bm.to_dense()[0, 0]
+def full_blocks(dense, block, lengths):
+    """BlockMask whose non-empty blocks (dense (rows, cols) bool) are all full."""
     num = dense.sum(-1, dtype=torch.int32)[None, None]
     idx = torch.argsort(dense.to(torch.int8), dim=-1, descending=True, stable=True)
     idx = idx.to(torch.int32)[None, None].contiguous()
     zero = torch.zeros_like(num)
     return BlockMask.from_kv_blocks(
-        zero, torch.zeros_like(idx), num, idx, seq_lengths=bm.seq_lengths
+        zero, torch.zeros_like(idx), num, idx, BLOCK_SIZE=block, seq_lengths=lengths
     )
+
+
+def all_full(bm):
+    """Every block full: flex with no masking and no skipping."""
+    dense = torch.ones(bm.kv_indices.shape[-2:], dtype=torch.bool, device=bm.kv_indices.device)
+    return full_blocks(dense, bm.BLOCK_SIZE, bm.seq_lengths)
+
+
+def structure_only(bm):
+    """The same non-empty blocks, all marked full."""
+    return full_blocks(bm.to_dense()[0, 0].bool(), bm.BLOCK_SIZE, bm.seq_lengths)
 
 
 def same_blocks(a, b) -> bool:
@@ -123,25 +123,33 @@ def bench_preset(name, args, dev):
         row["flash_ms"] = timed(lambda: F.scaled_dot_product_attention(q, k, v))
     print(f"   dense SDPA {row['dense_ms']:.2f} ms, flash {row['flash_ms']:.2f} ms", flush=True)
 
+    block = args.block
+    t0 = time.perf_counter()
     tok = tokens(layout, device=dev)
-    mod = fused(rule, layout, tok, tok)
-    build = lambda: analytic_block_mask(layout, rule, mod, device=dev, pad=True)  # noqa: E731
+    torch.cuda.synchronize()
+    row["tables_ms"] = (time.perf_counter() - t0) * 1e3
+
+    def build():  # what attend() does for an unchunked plan (see dispatch.build_part)
+        b = block_structure(layout, rule, block=block, device=dev)
+        return to_block_mask(b, fused(rule, layout, tok, tok, terms=b.terms), pad=True), b
+
     build()  # first call: layout tables on the host are cached
-    row["build_ms_analytic"], bm = host_timed(build)
+    row["build_ms_analytic"], (bm, structure) = host_timed(build)
     s = block_stats(bm)
+    row["block"] = list(block)
     row["density"] = s.density
     row["element_density"] = allowed_pairs(layout, rule) / (n * n)
     row["blocks_full"], row["blocks_partial"] = s.full, s.partial
+    row["mask_terms"] = list(structure.terms)
     print(
-        f"   analytic BlockMask {row['build_ms_analytic']:.1f} ms: density {s.density:.4f} "
-        f"(full {s.full}, partial {s.partial})",
+        f"   analytic BlockMask {row['build_ms_analytic']:.1f} ms (+ lookup tables "
+        f"{row['tables_ms']:.0f} ms): blocks {block}, density {s.density:.4f} "
+        f"(full {s.full}, partial {s.partial}), mask terms {structure.terms}",
         flush=True,
     )
 
     row["flex_ms"] = timed(lambda: flex(q, k, v, bm))
-    lengths = bm.seq_lengths
-    nqb, nkb = bm.kv_indices.shape[-2:]
-    full = all_full(nqb, nkb, lengths, dev)
+    full = all_full(bm)
     row["flex_full_ms"] = timed(lambda: flex(q, k, v, full), budget_s=4.0)
     struct = structure_only(bm)
     row["struct_ms"] = timed(lambda: flex(q, k, v, struct))
@@ -154,7 +162,8 @@ def bench_preset(name, args, dev):
     if not args.skip_create_block_mask:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        ref = mask_block_mask(mod, padded(n), padded(n), dev)
+        mod = fused(rule, layout, tok, tok)
+        ref = mask_block_mask(mod, padded(n, block), padded(n, block), dev, block)
         torch.cuda.synchronize()
         row["build_ms_create_block_mask"] = (time.perf_counter() - t0) * 1e3
         row["blockmasks_equal"] = same_blocks(bm, ref)
@@ -173,7 +182,8 @@ def bench_preset(name, args, dev):
     row["dense_tflops"] = dense_flop / row["dense_ms"] / 1e9
     row["flash_tflops"] = dense_flop / row["flash_ms"] / 1e9
     row["flex_full_tflops"] = dense_flop / row["flex_full_ms"] / 1e9
-    row["flex_block_tflops"] = 4 * s.nonempty * 128 * 128 * head_dim * heads / row["flex_ms"] / 1e9
+    block_flop = 4 * s.nonempty * block[0] * block[1] * head_dim * heads
+    row["flex_block_tflops"] = block_flop / row["flex_ms"] / 1e9
     row["device"] = torch.cuda.get_device_name()
     print(
         f"   speedup {row['speedup']:.1f}x, efficiency {row['efficiency']:.3f} "
@@ -184,25 +194,34 @@ def bench_preset(name, args, dev):
     variants = []
     if args.variants:
 
-        def variant(label, r=rule, make=fused, **kw):
-            t = tokens(layout, device=dev)
-            m = make(r, layout, t, t, **kw) if make is fused else make(r, t, t)
-            b = analytic_block_mask(layout, r, m, device=dev, pad=True)
-            ms = timed(lambda: flex(q, k, v, b))
-            st = block_stats(b)
+        def variant(label, r=rule, blk=block, make="fused"):
+            if make == "compose":
+                b = block_structure(layout, r, block=blk, device=dev)
+                m = to_block_mask(b, compose(r, tok, tok), pad=True)
+            else:
+                p = Plan(layout, r, block=blk, uniform_kernel=make == "uniform")
+                ((_, _, m),) = flex_parts(p, dev, heads * head_dim)
+            ms = timed(lambda: flex(q, k, v, m))
+            st = block_stats(m)
+            full_ms = row["flex_full_ms"]
             variants.append(
                 dict(
                     preset=name,
                     variant=label,
+                    block=list(blk),
                     flex_ms=ms,
                     density=st.density,
-                    efficiency=row["flex_full_ms"] * st.density / ms,
+                    efficiency=full_ms * st.density / ms,
+                    speedup=row["dense_ms"] / ms,
                 )
             )
             print(f"   variant {label}: {ms:.2f} ms, density {st.density:.4f}", flush=True)
 
-        variant("composed mask_mod", make=compose)
-        variant("uniform fused kernel", uniform=True)
+        for other in ((128, 128), (128, 64), (64, 64)):
+            if other != tuple(block):
+                variant(f"blocks {other}", blk=other)
+        variant("composed mask_mod", make="compose")
+        variant("uniform fused kernel", make="uniform")
         if rule.neighbours == "halo":
             variant("neighbours none", r=MaskRule(**{**rule.__dict__, "neighbours": "none"}))
     return row, variants
@@ -255,12 +274,12 @@ def write_results(rows, variants, args, out_dir):
             "",
             "Variants (same inputs):",
             "",
-            "| preset | variant | flex ms | density | efficiency |",
-            "|---|---|---|---|---|",
+            "| preset | variant | flex ms | density | efficiency | speedup |",
+            "|---|---|---|---|---|---|",
         ]
         lines += [
             f"| {v['preset']} | {v['variant']} | {v['flex_ms']:.2f} | {v['density']:.4f} "
-            f"| {v['efficiency']:.3f} |"
+            f"| {v['efficiency']:.3f} | {v['speedup']:.1f}x |"
             for v in variants
         ]
     with open(os.path.join(out_dir, "attention.md"), "w") as f:
@@ -271,7 +290,8 @@ def write_results(rows, variants, args, out_dir):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", default="flux-4k,flux-8k,wan-4k-81f")
-    p.add_argument("--variants", action="store_true", help="also time mask_mod variants")
+    p.add_argument("--variants", action="store_true", help="also time variants (blocks, masks)")
+    p.add_argument("--block", default="128,64", help="BlockMask (query,key) block sizes")
     p.add_argument(
         "--skip-create-block-mask",
         action="store_true",
@@ -279,6 +299,7 @@ def main():
     )
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = p.parse_args()
+    args.block = tuple(int(x) for x in args.block.split(","))
     if not torch.cuda.is_available():
         sys.exit("bench/attention.py needs a CUDA GPU")
     rows, variants = [], []

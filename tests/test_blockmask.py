@@ -35,7 +35,10 @@ def assert_same(ours, ref):
         assert torch.equal(a, b), f"{num} differs"
 
 
-@given(plans(max_tokens=600), st.sampled_from([128, 32, 8]))
+BLOCKS = st.sampled_from([(128, 128), (128, 64), (32, 16), (16, 32), (8, 8)])
+
+
+@given(plans(max_tokens=600), BLOCKS)
 @settings(max_examples=100)
 def test_analytic_equals_create_block_mask(plan, block):
     """Small blocks put many windows and segment edges inside one block."""
@@ -45,6 +48,28 @@ def test_analytic_equals_create_block_mask(plan, block):
     ref = create_block_mask(mod, None, None, layout.n, layout.n, device="cpu", BLOCK_SIZE=block)
     ours = analytic_block_mask(layout, rule, mod, shifted=shifted, block=block)
     assert_same(ours, ref)
+
+
+@given(plans(max_tokens=600), BLOCKS)
+@settings(max_examples=80)
+def test_reduced_mask_is_exact_on_partial_blocks(plan, block):
+    """The kernel evaluates the mask on partial blocks only, so it may drop the terms
+    that are false on all of them (Blocks.terms): it must still be exact there."""
+    from attention.blockmask import block_structure
+    from attention.dispatch import reference_mask
+
+    layout, rule, shifted = plan
+    b = block_structure(layout, rule, shifted=shifted, block=block)
+    t = tokens(layout, shifted=shifted)
+    reduced = fused(rule, layout, t, t, terms=b.terms)
+    ref = reference_mask(Plan(layout, rule, shifted=shifted))
+    bq, bk = block
+    z = torch.zeros((), dtype=torch.long)
+    for qb, kb in zip(b.q_blk[~b.full].tolist(), b.k_blk[~b.full].tolist()):
+        qi = torch.arange(qb * bq, min((qb + 1) * bq, layout.n))
+        ki = torch.arange(kb * bk, min((kb + 1) * bk, layout.n))
+        got = reduced(z, z, qi[:, None], ki[None, :])
+        assert torch.equal(got, ref[qi][:, ki])
 
 
 @given(plans(max_tokens=600), st.integers(20, 200))

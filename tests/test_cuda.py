@@ -38,8 +38,11 @@ def reference(q, k, v, plan, grad):
     return (out, *torch.autograd.grad(out, (q32, k32, v32), grad.float()))
 
 
-def rel_err(a, b):
-    return ((a.float() - b).norm() / b.norm().clamp(min=1e-12)).item()
+def close_bf16(a, b):
+    """Norm-wise: |a - b| <= BF16_REL |b| + BF16_ABS sqrt(numel) (the absolute part covers
+    references that are exactly zero, such as dq for a query with one key)."""
+    err = (a.float() - b).norm()
+    return bool(err <= BF16_REL * b.norm() + BF16_ABS * b.numel() ** 0.5)
 
 
 @given(plans(max_tokens=600), st.integers(0, 2**31 - 1))
@@ -54,9 +57,10 @@ def test_flex_fp32_forward_backward(plan, seed):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0, msg=name)
 
 
-# bf16 tolerance: norm-relative error <= 2e-2 (bf16 keeps 8 significant bits, 3.9e-3;
-# P and the output are rounded to bf16; a wrong mask gives errors of order 1)
-BF16_REL = 2e-2
+# bf16 tolerance: norm-relative error <= 2e-2 plus an RMS floor of 1e-3 (bf16 keeps 8
+# significant bits, 3.9e-3; P and the output are rounded to bf16; a wrong mask gives
+# errors of order 1)
+BF16_REL, BF16_ABS = 2e-2, 1e-3
 
 
 @given(plans(max_tokens=600), st.integers(0, 2**31 - 1))
@@ -68,7 +72,7 @@ def test_flex_bf16_forward_backward(plan, seed):
     out, dq, dk, dv, grad = forward_backward(q, k, v, p)
     ref = reference(q, k, v, p, grad)
     for name, a, b in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), ref):
-        assert rel_err(a, b) <= BF16_REL, name
+        assert close_bf16(a, b), name
 
 
 @pytest.mark.parametrize(
@@ -90,7 +94,7 @@ def test_specialised_kernels(layout, rule, dtype):
             if dtype == torch.float32:
                 torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
             else:
-                assert rel_err(a, b) <= BF16_REL
+                assert close_bf16(a, b)
 
 
 def test_chunked_on_gpu():

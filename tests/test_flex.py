@@ -53,15 +53,17 @@ def test_chunking_kicks_in_at_the_index_budget():
 
 
 def test_chunking_kicks_in_at_int32_offsets():
+    from attention.blockmask import padded
     from attention.chunks import plan_chunks
 
     lay = Layout(grid=(64, 64), window=(16, 16), text=8, ratio=4)
-    assert len(plan_chunks(lay, IMAGE_RULE, False, 2**31 // lay.n - 1, 1 << 40)) == 1
-    chunks = plan_chunks(lay, IMAGE_RULE, False, 2**31 // lay.n + 1, 1 << 40)
+    n = padded(lay.n)  # flex sees whole blocks
+    assert len(plan_chunks(lay, IMAGE_RULE, False, 2**31 // n - 1, 1 << 40)) == 1
+    bhd = 2**31 // n + 1
+    chunks = plan_chunks(lay, IMAGE_RULE, False, bhd, 1 << 40)
     assert len(chunks) > 1
-    bhd = 2**31 // lay.n + 1
     for c in chunks:
-        assert bhd * max(c.q_end - c.q_start, len(c.kv_index)) < 2**31
+        assert bhd * padded(max(c.q_end - c.q_start, len(c.kv_index))) < 2**31
 
 
 def test_dense_backend_ignores_the_mask_and_none_is_sdpa():
