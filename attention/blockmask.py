@@ -398,10 +398,11 @@ def block_structure(
     """Non-empty block pairs of `rule` between sides q and kv (default: the whole
     sequence) and which are full, without evaluating any pair of tokens."""
     bq, bk = _sizes(block)
+    same = q is None and kv is None and bq == bk  # one sequence: cut it once
     q = Side.whole(layout) if q is None else q
     kv = Side.whole(layout) if kv is None else kv
     qb = block_boxes(layout, q, bq).to(device)
-    kb = block_boxes(layout, kv, bk).to(device)
+    kb = qb if same else block_boxes(layout, kv, bk).to(device)
     nq, nk = qb.n_blocks, kb.n_blocks
     q_blk, k_blk = candidate_pairs(layout, rule, shifted, qb, kv, nk, bk)
     any_, full, terms = classify(layout, rule, shifted, qb, kb, q_blk, k_blk)
