@@ -135,25 +135,25 @@ class Boxes:
     def n_blocks(self) -> int:
         return self.seg.shape[0]
 
-    def to(self, device) -> "Boxes":
-        return Boxes(
-            self.seg.to(device),
-            self.lo.to(device),
-            self.hi.to(device),
-            self.win.to(device),
-            self.length,
-        )
 
-
-def block_boxes(layout: Layout, side: Side, block: int = BLOCK) -> Boxes:
+def block_boxes(layout: Layout, side: Side, block: int = BLOCK, device="cpu") -> Boxes:
+    """Cut every block of a side into boxes (see the module docstring)."""
     nt, ng, vol = side.lengths(layout)
-    wins = side.windows
+    dev = torch.device(device)
+    wins, vol = side.windows.to(dev), vol.to(dev)
     # pieces: text, guidance, then one per detail window, each a local range
     kinds = [TEXT] * (nt > 0) + [GUIDANCE] * (ng > 0)
-    p_kind = torch.tensor(kinds + [DETAIL] * len(wins), dtype=torch.long)
-    p_len = torch.cat([torch.tensor([n for n in (nt, ng) if n > 0], dtype=torch.long), vol])
+    head = torch.tensor([n for n in (nt, ng) if n > 0], dtype=torch.long, device=dev)
+    p_kind = torch.cat(
+        [
+            torch.tensor(kinds, dtype=torch.long, device=dev),
+            torch.full((len(wins),), DETAIL, device=dev),
+        ]
+    )
+    p_len = torch.cat([head, vol])
     p_start = torch.cumsum(p_len, 0) - p_len
-    p_ref = torch.cat([torch.full((len(kinds),), -1), wins])
+    p_ref = torch.cat([torch.full((len(kinds),), -1, device=dev), wins])
+    length = nt + ng + int(side.lengths(layout)[2].sum())
     # split pieces at block edges: one sub-range [a, e) per (piece, block)
     first, last = p_start // block, (p_start + p_len - 1) // block
     owner, rank = _expand(last - first + 1)
@@ -162,43 +162,39 @@ def block_boxes(layout: Layout, side: Side, block: int = BLOCK) -> Boxes:
     e = torch.minimum(p_start[owner] + p_len[owner], (blk + 1) * block) - p_start[owner]
     kind, ref = p_kind[owner], p_ref[owner]
     n = len(blk)
-    lo = torch.zeros(n, 5, 3, dtype=torch.long)
-    hi = torch.zeros(n, 5, 3, dtype=torch.long)
-    win = torch.zeros(n, 5, 3, dtype=torch.long)
-    ok = torch.zeros(n, 5, dtype=torch.bool)
-    ok[kind == TEXT, 0] = True
-    g = kind == GUIDANCE
-    if g.any():  # guidance: the run of guidance windows covered, on the window grid
-        gstart = layout.guidance_windows.start
+    lo = torch.zeros(n, 5, 3, dtype=torch.long, device=dev)
+    hi, win = torch.zeros_like(lo), torch.zeros_like(lo)
+    ok = torch.zeros(n, 5, dtype=torch.bool, device=dev)
+    ok[:, 0] = kind == TEXT
+    if ng:  # guidance: the run of guidance windows covered, on the window grid
+        g = kind == GUIDANCE
+        gstart = layout.guidance_windows.start.to(dev)
         w0 = torch.searchsorted(gstart, a[g], right=True) - 1
         w1 = torch.searchsorted(gstart, e[g] - 1, right=True) - 1
-        dims = torch.tensor(layout.window_grid).expand(len(w0), 3)
+        dims = torch.tensor(layout.window_grid, device=dev).expand(len(w0), 3)
         lo[g], hi[g], ok[g] = raster_boxes(dims, w0, w1 + 1)
-    d = kind == DETAIL
-    if d.any():  # detail: token boxes inside one window
+    if len(wins):  # detail: token boxes inside one window
+        d = kind == DETAIL
         dw = layout.detail_windows
         w = ref[d]
-        blo, bhi, bok = raster_boxes(dw.size[w], a[d], e[d])
-        lo[d] = blo + dw.origin[w][:, None]
-        hi[d] = bhi + dw.origin[w][:, None]
-        win[d] = dw.coords[w][:, None].expand(-1, 5, -1)
-        ok[d] = bok
+        blo, bhi, bok = raster_boxes(dw.size.to(dev)[w], a[d], e[d])
+        origin = dw.origin.to(dev)[w][:, None]
+        lo[d], hi[d], ok[d] = blo + origin, bhi + origin, bok
+        win[d] = dw.coords.to(dev)[w][:, None].expand(-1, 5, -1)
     seg = kind[:, None].expand(-1, 5)
-    # gather the valid boxes per block, padded with segment -1
+    # gather the valid boxes per block (blk is ascending), padded with segment -1
     blk = blk[:, None].expand(-1, 5)[ok]
     seg, lo, hi, win = seg[ok], lo[ok], hi[ok], win[ok]
-    order = torch.argsort(blk, stable=True)
-    blk, seg, lo, hi, win = blk[order], seg[order], lo[order], hi[order], win[order]
-    n_blocks = (int(p_len.sum()) + block - 1) // block
+    n_blocks = (length + block - 1) // block
     counts = torch.bincount(blk, minlength=n_blocks)
     _, slot = _expand(counts)
     K = int(counts.max()) if len(counts) else 1
-    out_seg = torch.full((n_blocks, K), -1, dtype=torch.long)
-    out_lo = torch.zeros(n_blocks, K, 3, dtype=torch.long)
+    out_seg = torch.full((n_blocks, K), -1, dtype=torch.long, device=dev)
+    out_lo = torch.zeros(n_blocks, K, 3, dtype=torch.long, device=dev)
     out_hi, out_win = torch.zeros_like(out_lo), torch.zeros_like(out_lo)
     out_seg[blk, slot], out_lo[blk, slot], out_hi[blk, slot] = seg, lo, hi
     out_win[blk, slot] = win
-    return Boxes(out_seg, out_lo, out_hi, out_win, int(p_len.sum()))
+    return Boxes(out_seg, out_lo, out_hi, out_win, length)
 
 
 def _reach(layout: Layout, rule: MaskRule, shifted: bool, lo, hi):
@@ -401,8 +397,8 @@ def block_structure(
     same = q is None and kv is None and bq == bk  # one sequence: cut it once
     q = Side.whole(layout) if q is None else q
     kv = Side.whole(layout) if kv is None else kv
-    qb = block_boxes(layout, q, bq).to(device)
-    kb = qb if same else block_boxes(layout, kv, bk).to(device)
+    qb = block_boxes(layout, q, bq, device)
+    kb = qb if same else block_boxes(layout, kv, bk, device)
     nq, nk = qb.n_blocks, kb.n_blocks
     q_blk, k_blk = candidate_pairs(layout, rule, shifted, qb, kv, nk, bk)
     any_, full, terms = classify(layout, rule, shifted, qb, kb, q_blk, k_blk)

@@ -36,7 +36,7 @@ class Plan:
     backend: str = "flex"
     builder: str = "analytic"  # how the flex path gets its BlockMask
     shifted: bool = False
-    block: tuple = (BLOCK, BLOCK)  # BlockMask (query, key) block sizes
+    block: tuple | None = None  # BlockMask (query, key) block sizes; None: see blocks
     index_budget: int = 1 << 30  # bytes of BlockMask indices before chunking
     chunk_tokens: int | None = None  # cap on the queries of a chunk (None: as needed)
     kernel_options: tuple = ()  # flex kernel options, as sorted (key, value) pairs
@@ -49,6 +49,14 @@ class Plan:
             raise ValueError(f"builder must be one of {BUILDERS}, got {self.builder!r}")
         if self.shifted and self.rule.neighbours != "shift":
             raise ValueError("shifted windows need neighbours='shift'")
+
+    @property
+    def blocks(self) -> tuple[int, int]:
+        """Block sizes, (128, 128) unless given. (128, 64) halves the masked work of
+        video rules (most of their blocks are partial) and ran wan-4k-81f 22% faster
+        forward (bench/results/attention.md), but torch's H100 backward kernel for bf16
+        head_dim 128 needs key blocks of 128: use it for inference only."""
+        return (BLOCK, BLOCK) if self.block is None else tuple(self.block)
 
     def for_layer(self, i: int) -> "Plan":
         return replace(self, shifted=self.rule.neighbours == "shift" and i % 2 == 1)
@@ -87,15 +95,15 @@ def build_part(plan: Plan, chunk, device):
             shifted=plan.shifted,
             q=chunk.q,
             kv=chunk.kv,
-            block=plan.block,
+            block=plan.blocks,
             device=device,
         )
         mod = fused(plan.rule, lay, qt, kt, plan.uniform_kernel, b.terms)
         bm = to_block_mask(b, mod, pad=True)
     else:
         mod = fused(plan.rule, lay, qt, kt, plan.uniform_kernel)
-        n_q, n_kv = padded(qt.n, plan.block), padded(kt.n, plan.block)
-        bm = mask_block_mask(mod, n_q, n_kv, device, plan.block)
+        n_q, n_kv = padded(qt.n, plan.blocks), padded(kt.n, plan.blocks)
+        bm = mask_block_mask(mod, n_q, n_kv, device, plan.blocks)
     kv_index = None if chunk.kv_index is None else chunk.kv_index.to(device)
     return kv_index, bm
 
@@ -107,7 +115,7 @@ def flex_parts(plan: Plan, device, bhd: int):
     """[(chunk, kv_index, BlockMask)] for this plan on this device, cached per layout
     signature (layout, rule, layer parity, builder, blocks, device, chunking)."""
     chunks = plan_chunks(
-        plan.layout, plan.rule, plan.shifted, bhd, plan.index_budget, plan.chunk_tokens, plan.block
+        plan.layout, plan.rule, plan.shifted, bhd, plan.index_budget, plan.chunk_tokens, plan.blocks
     )
     key = (
         plan.layout,
@@ -115,7 +123,7 @@ def flex_parts(plan: Plan, device, bhd: int):
         plan.shifted,
         plan.builder,
         plan.uniform_kernel,
-        plan.block,
+        plan.blocks,
         str(device),
         tuple((c.q_start, c.q_end) for c in chunks),
     )

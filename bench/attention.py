@@ -123,7 +123,7 @@ def bench_preset(name, args, dev):
         row["flash_ms"] = timed(lambda: F.scaled_dot_product_attention(q, k, v))
     print(f"   dense SDPA {row['dense_ms']:.2f} ms, flash {row['flash_ms']:.2f} ms", flush=True)
 
-    block = args.block
+    block = args.block or Plan(layout, rule).blocks  # what attend() uses
     tokens(layout, device=dev)  # first call: host tables and imports
     row["tables_ms"], tok = host_timed(lambda: tokens(layout, device=dev), reps=3)
 
@@ -216,7 +216,7 @@ def bench_preset(name, args, dev):
             print(f"   variant {label}: {ms:.2f} ms, density {st.density:.4f}", flush=True)
 
         if "blocks" in args.variants:
-            for other in ((128, 128), (128, 64)):
+            for other in ((128, 128), (128, 64)):  # the other one
                 if other != tuple(block):
                     variant(f"blocks {other}", blk=other)
         if "composed" in args.variants:
@@ -303,7 +303,9 @@ def main():
         default="[]",
         help='JSON list of flex kernel_options dicts to time as variants, e.g. [{"num_stages": 2}]',
     )
-    p.add_argument("--block", default="128,128", help="BlockMask (query,key) block sizes")
+    p.add_argument(
+        "--block", default=None, help="BlockMask (query,key) block sizes (default: Plan's)"
+    )
     p.add_argument(
         "--skip-create-block-mask",
         action="store_true",
@@ -311,7 +313,7 @@ def main():
     )
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = p.parse_args()
-    args.block = tuple(int(x) for x in args.block.split(","))
+    args.block = tuple(int(x) for x in args.block.split(",")) if args.block else None
     args.kernel_options = json.loads(args.kernel_options)
     args.variants = args.variants.split(",") if args.variants or args.kernel_options else []
     if not torch.cuda.is_available():
