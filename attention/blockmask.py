@@ -461,9 +461,45 @@ def analytic_block_mask(
     return to_block_mask(b, mask_mod, pad)
 
 
-def mask_block_mask(mask_mod, n_q: int, n_kv: int, device="cpu", block=BLOCK) -> BlockMask:
-    """create_block_mask over every (query, key) pair; compiled for large inputs."""
+def mask_block_mask(
+    mask_mod, n_q: int, n_kv: int, device="cpu", block=BLOCK, max_elements=1 << 32
+) -> BlockMask:
+    """torch's create_block_mask: the mask_mod evaluated on every (query, key) pair.
+    Compiled for large inputs, and run over slices of query rows when the dense mask
+    would exceed max_elements (it is materialised slice by slice)."""
+    bq, bk = _sizes(block)
     big = n_q * n_kv > (1 << 26)
-    return create_block_mask(
-        mask_mod, None, None, n_q, n_kv, device=device, BLOCK_SIZE=_sizes(block), _compile=big
+    rows = max(bq, max_elements // max(n_kv, 1) // bq * bq)
+    if n_q <= rows:
+        return create_block_mask(
+            mask_mod, None, None, n_q, n_kv, device=device, BLOCK_SIZE=(bq, bk), _compile=big
+        )
+    offset = torch.zeros((), dtype=torch.long, device=device)
+
+    def shifted(b, h, q_idx, kv_idx):
+        return mask_mod(b, h, q_idx + offset, kv_idx)
+
+    parts = []
+    for q0 in range(0, n_q, rows):
+        offset.fill_(q0)
+        m = create_block_mask(
+            shifted,
+            None,
+            None,
+            min(rows, n_q - q0),
+            n_kv,
+            device=device,
+            BLOCK_SIZE=(bq, bk),
+            _compile=big,
+        )
+        parts.append((m.kv_num_blocks, m.kv_indices, m.full_kv_num_blocks, m.full_kv_indices))
+    kv_num, kv_idx, full_num, full_idx = (torch.cat(x, dim=2) for x in zip(*parts))
+    return BlockMask.from_kv_blocks(
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=(bq, bk),
+        mask_mod=mask_mod,
+        seq_lengths=(n_q, n_kv),
     )

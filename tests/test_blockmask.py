@@ -110,3 +110,17 @@ def test_side_whole_is_the_sequence():
 
     lay = Layout(grid=(5, 9), window=(2, 4), text=3, ratio=2)
     assert torch.equal(Side.whole(lay).index(lay), torch.arange(lay.n))
+
+
+def test_create_block_mask_in_row_slices_equals_whole():
+    """Large create_block_mask calls run over slices of query rows (bench: 700K tokens)."""
+    from attention import VIDEO_RULE, Layout
+    from attention.blockmask import mask_block_mask
+
+    lay = Layout(grid=(5, 27, 30), window=(4, 8, 8), ratio=(4, 4))
+    t = tokens(lay)
+    mod = fused(VIDEO_RULE, lay, t, t)
+    whole = mask_block_mask(mod, lay.n, lay.n)
+    sliced = mask_block_mask(mod, lay.n, lay.n, max_elements=lay.n * 300)
+    assert_same(sliced, whole)
+    assert_same(analytic_block_mask(lay, VIDEO_RULE, mod), whole)
