@@ -197,7 +197,7 @@ def block_boxes(layout: Layout, side: Side, block: int = BLOCK, device="cpu") ->
     return Boxes(out_seg, out_lo, out_hi, out_win, length)
 
 
-def _reach(layout: Layout, rule: MaskRule, shifted: bool, lo, hi):
+def reach(layout: Layout, rule: MaskRule, shifted: bool, lo, hi):
     """Window-index ranges (inclusive, per axis) that detail keys seen by the detail
     token boxes [lo, hi] can lie in."""
     dev = lo.device
@@ -214,10 +214,9 @@ def _reach(layout: Layout, rule: MaskRule, shifted: bool, lo, hi):
     return t0 // window, t1 // window
 
 
-def _window_blocks(layout, q_block, w0, w1, starts, volume, n_kv_blocks, block):
-    """Pair each query block with the key blocks of the windows w0..w1 (per-axis
-    inclusive window ranges, one per query box) that are present on the key side
-    (`starts` >= 0)."""
+def windows_in_ranges(layout: Layout, w0, w1):
+    """Every window inside the per-axis inclusive window-index ranges w0..w1 (m, 3):
+    (owner (k,) index of the range, window id (k,))."""
     dev = w0.device
     span = w1 - w0 + 1  # (m, 3)
     grid_w = torch.tensor(layout.window_grid, device=dev)
@@ -227,8 +226,16 @@ def _window_blocks(layout, q_block, w0, w1, starts, volume, n_kv_blocks, block):
     wc = w0[:, None] + offs[None]  # (m, o, 3) candidate windows
     ok = (offs[None] < span[:, None]).all(-1)
     wid = ((wc[..., 0] * grid_w[1] + wc[..., 1]) * grid_w[2] + wc[..., 2])[ok]
-    qblk = q_block[:, None].expand_as(ok)[ok]
-    start = starts[wid]
+    owner = torch.arange(len(span), device=dev)[:, None].expand_as(ok)[ok]
+    return owner, wid
+
+
+def _window_blocks(layout, q_block, w0, w1, starts, volume, n_kv_blocks, block):
+    """Pair each query block with the key blocks of the windows w0..w1 (per-axis
+    inclusive window ranges, one per query box) that are present on the key side
+    (`starts` >= 0)."""
+    owner, wid = windows_in_ranges(layout, w0, w1)
+    qblk, start = q_block[owner], starts[wid]
     keep = start >= 0
     qblk, start, vol = qblk[keep], start[keep], volume[wid[keep]]
     first, last = start // block, (start + vol - 1) // block
@@ -271,7 +278,7 @@ def candidate_pairs(layout, rule, shifted, qb: Boxes, kv: Side, n_kv_blocks, blo
                 )
     if is_d.any():
         owner = n_blocks[:, None].expand_as(qb.seg)[is_d]
-        w0, w1 = _reach(layout, rule, shifted, qb.lo[is_d], qb.hi[is_d])
+        w0, w1 = reach(layout, rule, shifted, qb.lo[is_d], qb.hi[is_d])
         starts = kv.window_starts(layout).to(dev)
         volume = layout.detail_windows.volume.to(dev)
         pairs.append(_window_blocks(layout, owner, w0, w1, starts, volume, n_kv_blocks, block))

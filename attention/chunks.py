@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .blockmask import BLOCK, Side, _reach
+from .blockmask import BLOCK, Side, reach, windows_in_ranges
 from .layout import Layout
 from .rules import MaskRule
 
@@ -45,17 +45,8 @@ def reach_windows(layout: Layout, rule: MaskRule, shifted: bool, windows: torch.
     """Ascending ids of the detail windows whose keys `windows`' queries may see."""
     dw = layout.detail_windows
     lo, hi = dw.origin[windows], dw.origin[windows] + dw.size[windows] - 1
-    w0, w1 = _reach(layout, rule, shifted, lo, hi)
-    span = w1 - w0 + 1
-    m = span.amax(0).tolist()
-    offs = torch.stack(torch.meshgrid(*[torch.arange(x) for x in m], indexing="ij"), -1).reshape(
-        -1, 3
-    )
-    wc = w0[:, None] + offs[None]
-    ok = (offs[None] < span[:, None]).all(-1)
-    gw = layout.window_grid
-    wid = (wc[..., 0] * gw[1] + wc[..., 1]) * gw[2] + wc[..., 2]
-    return torch.unique(wid[ok])
+    _, wid = windows_in_ranges(layout, *reach(layout, rule, shifted, lo, hi))
+    return torch.unique(wid)
 
 
 def plan_chunks(

@@ -57,8 +57,23 @@ def test_tiny_preset_prints_counts_and_writes_the_picture(tmp_path, capsys):
 
 
 def test_free_form_layout_and_rule(tmp_path, capsys):
-    args = ["--grid", "3,20,24", "--window", "2,8,8", "--ratio", "2,4", "--scope", "aligned",
-            "--margin", "0", "--neighbours", "none", "--no-png", "--device", "cpu"]
+    args = [
+        "--grid",
+        "3,20,24",
+        "--window",
+        "2,8,8",
+        "--ratio",
+        "2,4",
+        "--scope",
+        "aligned",
+        "--margin",
+        "0",
+        "--neighbours",
+        "none",
+        "--no-png",
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "guidance 2x5x6 = 60" in out and "guidance aligned(0), neighbours none" in out
