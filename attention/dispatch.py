@@ -5,6 +5,11 @@ Plan(backend=...)  -> "flex": FlexAttention with the plan's BlockMask (default);
                       "reference": refimpl's dense masked softmax (small N only);
                       "dense": plain SDPA, mask ignored (the baseline benchmarks
                       compare to; it changes results, so it is never chosen silently).
+
+The flex backend runs packed (attention/packed.py: queries and keys rebuilt so that
+nearly every tile is full) unless the rule shifts windows or `packed=False`, which runs
+it on the layout order with the analytic BlockMask of attention/blockmask.py. Both give
+the reference's result; packing only changes how much masked work the kernel does.
 """
 
 from dataclasses import dataclass, replace
@@ -18,6 +23,8 @@ from .blockmask import BLOCK, block_structure, mask_block_mask, padded, to_block
 from .chunks import plan_chunks
 from .flex import flex
 from .layout import Layout
+from .packed import build_part as build_packed
+from .packed import exact_mask_mod, layout_extras, mask_mod, plan_parts
 from .rules import IMAGE_RULE, MaskRule, fused, tokens
 
 BACKENDS = ("flex", "reference", "dense")
@@ -41,6 +48,7 @@ class Plan:
     chunk_tokens: int | None = None  # cap on the queries of a chunk (None: as needed)
     kernel_options: tuple = ()  # flex kernel options, as sorted (key, value) pairs
     uniform_kernel: bool = False  # one compiled mask for every rule (see rules.fused)
+    packed: bool | None = None  # flex on packed sequences; None: unless neighbours="shift"
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -49,6 +57,12 @@ class Plan:
             raise ValueError(f"builder must be one of {BUILDERS}, got {self.builder!r}")
         if self.shifted and self.rule.neighbours != "shift":
             raise ValueError("shifted windows need neighbours='shift'")
+        if self.packed and self.rule.neighbours == "shift":
+            raise ValueError("packed=True cannot run shifted windows: use packed=False")
+
+    @property
+    def is_packed(self) -> bool:
+        return self.rule.neighbours != "shift" if self.packed is None else self.packed
 
     @property
     def blocks(self) -> tuple[int, int]:
@@ -138,6 +152,75 @@ def clear_cache():
     _parts_cache.clear()
 
 
+@dataclass(eq=False)
+class PackedCall:
+    """One packed flex call, ready to run: which rows of q and k/v to copy (the first
+    `head` slots are the identity and are sliced instead of copied)."""
+
+    q_head: int
+    q_tail: torch.Tensor  # layout positions of the packed queries after q_head
+    kv_head: int
+    kv_tail: torch.Tensor
+    block_mask: object
+    n_q: int
+    n_kv: int
+
+
+def packed_calls(plan: Plan, device, bhd: int):
+    """([PackedCall], dst): the calls of a packed plan, and for each layout token its
+    row in the concatenated outputs (None when that is the identity). Cached like
+    flex_parts."""
+    lay, rule, blocks = plan.layout, plan.rule, plan.blocks
+    key = (
+        "packed",
+        lay,
+        rule,
+        plan.builder,
+        plan.uniform_kernel,
+        blocks,
+        str(device),
+        bhd,
+        plan.index_budget,
+        plan.chunk_tokens,
+    )
+    if key in _parts_cache:
+        return _parts_cache[key]
+    ex = layout_extras(lay, rule, blocks[0], device)
+    calls, dst, offset = [], torch.empty(lay.n, dtype=torch.long, device=device), 0
+    for prefix_q, w0, w1 in plan_parts(
+        lay, rule, ex, blocks, bhd, plan.index_budget, plan.chunk_tokens
+    ):
+        p = build_packed(lay, rule, ex, blocks, prefix_q, w0, w1, device)
+        n_q, n_kv = len(p.q.src), len(p.kv.src)
+        if plan.builder == "analytic":
+            bm = to_block_mask(p.blocks, mask_mod(lay, rule, p, device, plan.uniform_kernel))
+        else:
+            bm = mask_block_mask(exact_mask_mod(lay, rule, p, device), n_q, n_kv, device, blocks)
+        calls.append(
+            PackedCall(
+                p.q.head, p.q.src[p.q.head :], p.kv.head, p.kv.src[p.kv.head :], bm, n_q, n_kv
+            )
+        )
+        rows = torch.nonzero(p.q.real).squeeze(1)
+        dst[p.q.src[rows]] = offset + rows
+        offset += n_q
+    if offset == lay.n and bool((dst == torch.arange(lay.n, device=device)).all()):
+        dst = None
+    if len(_parts_cache) >= 16:
+        _parts_cache.pop(next(iter(_parts_cache)))
+    _parts_cache[key] = (calls, dst)
+    return calls, dst
+
+
+def _rows(x: torch.Tensor, head: int, tail: torch.Tensor) -> torch.Tensor:
+    """x's rows [0, head) followed by the rows `tail` (dim 2)."""
+    if len(tail) == 0:
+        return x if head == x.shape[2] else x[:, :, :head]
+    if head == 0:
+        return x.index_select(2, tail)
+    return torch.cat([x[:, :, :head], x.index_select(2, tail)], dim=2)
+
+
 def attend(q, k, v, plan: Plan | None = None, scale: float | None = None):
     """Attention over (B, H, L, D) tensors in layout order."""
     if plan is None or plan.backend == "dense":
@@ -149,6 +232,21 @@ def attend(q, k, v, plan: Plan | None = None, scale: float | None = None):
         return refimpl.attention(q, k, v, reference_mask(plan), scale).to(q.dtype)
     B, H, _, D = q.shape
     opts = dict(plan.kernel_options) or None
+    if plan.is_packed:
+        calls, dst = packed_calls(plan, q.device, B * H * D)
+        outs = [
+            flex(
+                _rows(q, c.q_head, c.q_tail),
+                _rows(k, c.kv_head, c.kv_tail),
+                _rows(v, c.kv_head, c.kv_tail),
+                c.block_mask,
+                scale,
+                opts,
+            )
+            for c in calls
+        ]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        return out if dst is None else out.index_select(2, dst)
     outs = []
     for c, kv_index, bm in flex_parts(plan, q.device, B * H * D):
         qc = q[:, :, c.q_start : c.q_end]

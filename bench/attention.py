@@ -7,14 +7,19 @@ For each preset (bf16, head_dim 128, batch 1, the preset's heads and DESIGN.md's
 default rule) it measures one forward attention call:
   dense_ms       SDPA, default backend (cuDNN / flash / efficient, torch's choice)
   flash_ms       SDPA, FlashAttention-2 backend
-  flex_ms        compiled flex_attention with the analytic BlockMask (what `attend` runs)
+  flex_ms        `attend(q, k, v, Plan(layout, rule))`: flex on packed sequences
+                 (attention/packed.py), including the copies of q, k, v and the output
+  flex_layout_ms compiled flex_attention on the layout order with the analytic BlockMask
+                 (Plan(packed=False))
   flex_full_ms   compiled flex_attention with every block full (no mask, no skipping)
-  struct_ms      the analytic BlockMask's blocks, all marked full: skipping without
+  struct_ms      the layout-order BlockMask's blocks, all marked full: skipping without
                  per-element masking (shows what mask evaluation costs)
-  build_ms_analytic / build_ms_create_block_mask   BlockMask construction, both ways;
-                 the two BlockMasks are compared block for block.
-density = non-empty blocks / all blocks; efficiency = flex_full_ms * density / flex_ms
-(how well the block sparsity turns into time); speedup = dense_ms / flex_ms.
+  build_ms_analytic / build_ms_create_block_mask   layout-order BlockMask construction,
+                 both ways; the two BlockMasks are compared block for block.
+  build_ms_packed  the packed calls (extras, sequences, BlockMasks), from scratch
+density = non-empty 128x128 blocks of the layout order / all blocks; efficiency =
+flex_full_ms * density / flex_ms (how well the sparsity turns into time);
+element efficiency = the same with the allowed-pair density; speedup = dense_ms / flex_ms.
 Times are medians over repeated calls after warm-up, with CUDA events.
 Writes bench/results/attention.json and attention.md.
 """
@@ -34,9 +39,12 @@ from torch.nn.attention.flex_attention import BlockMask
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from attention import Plan  # noqa: E402
+from attention import (
+    Plan,  # noqa: E402
+    attend,  # noqa: E402
+)
 from attention.blockmask import block_structure, mask_block_mask, padded, to_block_mask  # noqa: E402
-from attention.dispatch import flex_parts  # noqa: E402
+from attention.dispatch import clear_cache, flex_parts, packed_calls  # noqa: E402
 from attention.flex import flex  # noqa: E402
 from attention.presets import PRESETS  # noqa: E402
 from attention.rules import MaskRule, compose, fused, tokens  # noqa: E402
@@ -146,14 +154,50 @@ def bench_preset(name, args, dev):
         flush=True,
     )
 
-    row["flex_ms"] = timed(lambda: flex(q, k, v, bm))
+    row["flex_layout_ms"] = timed(lambda: flex(q, k, v, bm))
+    plan = Plan(layout, rule, block=block)
+    bhd = heads * head_dim
+
+    def build_packed():
+        clear_cache()
+        return packed_calls(plan, dev, bhd)
+
+    build_packed()  # first call: host tables
+    row["build_ms_packed"], (calls, _) = host_timed(build_packed)
+    stats = [block_stats(c.block_mask) for c in calls]
+    row["packed_calls"] = len(calls)
+    row["packed_q"] = sum(c.n_q for c in calls)
+    row["packed_kv"] = sum(c.n_kv for c in calls)
+    row["packed_tiles_full"] = sum(x.full for x in stats)
+    row["packed_tiles_partial"] = sum(x.partial for x in stats)
+    row["flex_ms"] = timed(lambda: attend(q, k, v, plan))
+    print(
+        f"   packed: {len(calls)} call(s), {row['packed_q']:,} query / {row['packed_kv']:,} "
+        f"key slots, tiles full {row['packed_tiles_full']}, partial "
+        f"{row['packed_tiles_partial']}; built in {row['build_ms_packed']:.1f} ms",
+        flush=True,
+    )
+    if n < 300_000 and not args.skip_create_block_mask:  # packed BlockMasks both ways
+        ref_calls, _ = packed_calls(
+            Plan(layout, rule, block=block, builder="create_block_mask"), dev, bhd
+        )
+        row["packed_blockmasks_equal"] = all(
+            same_blocks(a.block_mask, b.block_mask) for a, b in zip(calls, ref_calls)
+        )
+        print(
+            f"   packed BlockMasks equal to create_block_mask's: {row['packed_blockmasks_equal']}",
+            flush=True,
+        )
+    out, ref_out = attend(q, k, v, plan), flex(q, k, v, bm)
+    row["packed_vs_layout_max_abs"] = (out.float() - ref_out.float()).abs().max().item()
     full = all_full(bm)
     row["flex_full_ms"] = timed(lambda: flex(q, k, v, full), budget_s=4.0)
     struct = structure_only(bm)
     row["struct_ms"] = timed(lambda: flex(q, k, v, struct))
     print(
-        f"   flex {row['flex_ms']:.2f} ms, all-full {row['flex_full_ms']:.2f} ms, "
-        f"structure-only {row['struct_ms']:.2f} ms",
+        f"   flex packed {row['flex_ms']:.2f} ms, layout order {row['flex_layout_ms']:.2f} ms, "
+        f"all-full {row['flex_full_ms']:.2f} ms, structure-only {row['struct_ms']:.2f} ms; "
+        f"packed vs layout order max |diff| {row['packed_vs_layout_max_abs']:.2e}",
         flush=True,
     )
 
@@ -175,17 +219,21 @@ def bench_preset(name, args, dev):
 
     row["speedup"] = row["dense_ms"] / row["flex_ms"]
     row["speedup_vs_flash"] = row["flash_ms"] / row["flex_ms"]
+    row["speedup_layout"] = row["dense_ms"] / row["flex_layout_ms"]
     row["efficiency"] = row["flex_full_ms"] * row["density"] / row["flex_ms"]
+    row["efficiency_layout"] = row["flex_full_ms"] * row["density"] / row["flex_layout_ms"]
+    row["efficiency_element"] = row["flex_full_ms"] * row["element_density"] / row["flex_ms"]
     row["efficiency_structure"] = row["flex_full_ms"] * row["density"] / row["struct_ms"]
     row["dense_tflops"] = dense_flop / row["dense_ms"] / 1e9
     row["flash_tflops"] = dense_flop / row["flash_ms"] / 1e9
     row["flex_full_tflops"] = dense_flop / row["flex_full_ms"] / 1e9
     block_flop = 4 * s.nonempty * block[0] * block[1] * head_dim * heads
-    row["flex_block_tflops"] = block_flop / row["flex_ms"] / 1e9
+    row["flex_block_tflops"] = block_flop / row["flex_layout_ms"] / 1e9
     row["device"] = torch.cuda.get_device_name()
     print(
         f"   speedup {row['speedup']:.1f}x, efficiency {row['efficiency']:.3f} "
-        f"(structure only {row['efficiency_structure']:.3f})",
+        f"(element {row['efficiency_element']:.3f}; layout order {row['speedup_layout']:.1f}x, "
+        f"{row['efficiency_layout']:.3f}; structure only {row['efficiency_structure']:.3f})",
         flush=True,
     )
 
@@ -197,7 +245,7 @@ def bench_preset(name, args, dev):
                 b = block_structure(layout, r, block=blk, device=dev)
                 m = to_block_mask(b, compose(r, tok, tok), pad=True)
             else:
-                p = Plan(layout, r, block=blk, uniform_kernel=make == "uniform")
+                p = Plan(layout, r, block=blk, uniform_kernel=make == "uniform", packed=False)
                 ((_, _, m),) = flex_parts(p, dev, heads * head_dim)
             ms = timed(lambda: flex(q, k, v, m, kernel_options=opts))
             st = block_stats(m)
@@ -253,24 +301,41 @@ def write_results(rows, variants, args, out_dir):
         f"- command: `{meta['command']}`",
         "",
         "One forward attention call, bf16, batch 1, head_dim 128. Times are medians (CUDA "
-        "events). density = non-empty 128x128 blocks / all blocks; efficiency = "
-        "flex_full_ms x density / flex_ms; speedup = dense_ms / flex_ms.",
+        "events). flex = `attend` (packed, copies included); layout = flex on the layout "
+        "order. density = non-empty 128x128 blocks of the layout order / all blocks; "
+        "efficiency = flex_full_ms x density / flex_ms; element eff. uses the allowed-pair "
+        "density instead; speedup = dense_ms / flex_ms.",
         "",
         "| preset | tokens | dense ms (TFLOP/s) | flash ms (TFLOP/s) | flex ms | speedup | "
-        "density | element density | flex all-full ms (TFLOP/s) | efficiency | "
-        "structure-only ms (eff.) | build analytic ms | build create_block_mask ms | equal |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "density | efficiency | element density | element eff. | flex all-full ms (TFLOP/s) | "
+        "layout ms (speedup, eff.) | structure-only ms (eff.) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['preset']} | {r['tokens']:,} | {r['dense_ms']:.2f} ({r['dense_tflops']:.0f}) | "
+            f"{r['flash_ms']:.2f} ({r['flash_tflops']:.0f}) | {r['flex_ms']:.2f} | "
+            f"{r['speedup']:.1f}x | {r['density']:.4f} | {r['efficiency']:.3f} | "
+            f"{r['element_density']:.5f} | {r['efficiency_element']:.3f} | "
+            f"{r['flex_full_ms']:.2f} ({r['flex_full_tflops']:.0f}) | "
+            f"{r['flex_layout_ms']:.2f} ({r['speedup_layout']:.1f}x, "
+            f"{r['efficiency_layout']:.3f}) | "
+            f"{r['struct_ms']:.2f} ({r['efficiency_structure']:.3f}) |"
+        )
+    lines += [
+        "",
+        "| preset | packed calls | query / key slots | tiles full / partial | build packed ms | "
+        "build analytic ms (layout) | build create_block_mask ms | equal (layout, packed) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cbm = r.get("build_ms_create_block_mask")
         lines.append(
-            f"| {r['preset']} | {r['tokens']:,} | {r['dense_ms']:.2f} ({r['dense_tflops']:.0f}) | "
-            f"{r['flash_ms']:.2f} ({r['flash_tflops']:.0f}) | {r['flex_ms']:.2f} | "
-            f"{r['speedup']:.1f}x | {r['density']:.4f} | {r['element_density']:.4f} | "
-            f"{r['flex_full_ms']:.2f} ({r['flex_full_tflops']:.0f}) | {r['efficiency']:.3f} | "
-            f"{r['struct_ms']:.2f} ({r['efficiency_structure']:.3f}) | "
-            f"{r['build_ms_analytic']:.1f} | {'-' if cbm is None else f'{cbm:.0f}'} | "
-            f"{r.get('blockmasks_equal', '-')} |"
+            f"| {r['preset']} | {r['packed_calls']} | {r['packed_q']:,} / {r['packed_kv']:,} | "
+            f"{r['packed_tiles_full']} / {r['packed_tiles_partial']} | "
+            f"{r['build_ms_packed']:.1f} | {r['build_ms_analytic']:.1f} | "
+            f"{'-' if cbm is None else f'{cbm:.0f}'} | {r.get('blockmasks_equal', '-')}, "
+            f"{r.get('packed_blockmasks_equal', '-')} |"
         )
     if variants:
         lines += [

@@ -45,11 +45,14 @@ def close_bf16(a, b):
     return bool(err <= BF16_REL * b.norm() + BF16_ABS * b.numel() ** 0.5)
 
 
-@given(plans(max_tokens=600), st.integers(0, 2**31 - 1))
-@settings(max_examples=30)
-def test_flex_fp32_forward_backward(plan, seed):
+PACKED = st.sampled_from([None, False])  # None: packed unless the rule shifts windows
+
+
+@given(plans(max_tokens=600), PACKED, st.integers(0, 2**31 - 1))
+@settings(max_examples=40)
+def test_flex_fp32_forward_backward(plan, packed, seed):
     layout, rule, shifted = plan
-    p = Plan(layout, rule, shifted=shifted, uniform_kernel=True)
+    p = Plan(layout, rule, shifted=shifted, uniform_kernel=True, packed=packed)
     q, k, v = inputs(layout.n, seed, torch.float32)
     out, dq, dk, dv, grad = forward_backward(q, k, v, p)
     ref = reference(q, k, v, p, grad)
@@ -63,11 +66,11 @@ def test_flex_fp32_forward_backward(plan, seed):
 BF16_REL, BF16_ABS = 2e-2, 1e-3
 
 
-@given(plans(max_tokens=600), st.integers(0, 2**31 - 1))
-@settings(max_examples=30)
-def test_flex_bf16_forward_backward(plan, seed):
+@given(plans(max_tokens=600), PACKED, st.integers(0, 2**31 - 1))
+@settings(max_examples=40)
+def test_flex_bf16_forward_backward(plan, packed, seed):
     layout, rule, shifted = plan
-    p = Plan(layout, rule, shifted=shifted, uniform_kernel=True)
+    p = Plan(layout, rule, shifted=shifted, uniform_kernel=True, packed=packed)
     q, k, v = inputs(layout.n, seed, torch.bfloat16)
     out, dq, dk, dv, grad = forward_backward(q, k, v, p)
     ref = reference(q, k, v, p, grad)
@@ -84,9 +87,12 @@ def test_flex_bf16_forward_backward(plan, seed):
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_specialised_kernels(layout, rule, dtype):
+@pytest.mark.parametrize("packed", [None, False])
+def test_specialised_kernels(layout, rule, dtype, packed):
+    if packed is None and rule.neighbours == "shift":
+        pytest.skip("shifted windows run unpacked (packed=None is packed=False)")
     for layer in (0, 1):
-        p = Plan(layout, rule).for_layer(layer)
+        p = Plan(layout, rule, packed=packed).for_layer(layer)
         q, k, v = inputs(layout.n, layer, dtype)
         out, dq, dk, dv, grad = forward_backward(q, k, v, p)
         ref = reference(q, k, v, p, grad)
@@ -97,11 +103,12 @@ def test_specialised_kernels(layout, rule, dtype):
                 assert close_bf16(a, b)
 
 
-def test_chunked_on_gpu():
+@pytest.mark.parametrize("packed", [None, False])
+def test_chunked_on_gpu(packed):
     layout = Layout(grid=(48, 64), window=(16, 16), text=77, ratio=4)
     q, k, v = inputs(layout.n, 3, torch.float32)
-    whole = attend(q, k, v, Plan(layout))
-    chunked = attend(q, k, v, Plan(layout, chunk_tokens=1024))
+    whole = attend(q, k, v, Plan(layout, packed=packed))
+    chunked = attend(q, k, v, Plan(layout, chunk_tokens=1024, packed=packed))
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
 
 

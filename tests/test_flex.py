@@ -18,35 +18,53 @@ def qkv(b, h, n, seed, dtype=torch.float32, device="cpu"):
     return [torch.randn(b, h, n, D, generator=g).to(device, dtype) for _ in range(3)]
 
 
-@given(plans(max_tokens=300), SHAPES, st.integers(0, 2**31 - 1))
-@settings(max_examples=40)
-def test_flex_equals_reference(plan, shape, seed):
+PACKED = st.sampled_from([None, False])  # None: packed unless the rule shifts windows
+
+
+@given(plans(max_tokens=300), SHAPES, PACKED, st.integers(0, 2**31 - 1))
+@settings(max_examples=60)
+def test_flex_equals_reference(plan, shape, packed, seed):
+    """Packed and layout-order flex against the fp32 reference."""
     layout, rule, shifted = plan
     q, k, v = qkv(*shape, layout.n, seed)
     ref = attend(q, k, v, Plan(layout, rule, backend="reference", shifted=shifted))
-    out = attend(q, k, v, Plan(layout, rule, shifted=shifted))
+    out = attend(q, k, v, Plan(layout, rule, shifted=shifted, packed=packed))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)  # fp32
 
 
-@given(plans(max_tokens=300), SHAPES, st.integers(20, 150), st.integers(0, 2**31 - 1))
-@settings(max_examples=25)
-def test_chunked_equals_unchunked(plan, shape, max_q, seed):
+@given(plans(max_tokens=300), SHAPES, PACKED, st.integers(20, 150), st.integers(0, 2**31 - 1))
+@settings(max_examples=30)
+def test_chunked_equals_unchunked(plan, shape, packed, max_q, seed):
     layout, rule, shifted = plan
     max_q = max(max_q, int(layout.detail_windows.volume.max()))
     q, k, v = qkv(*shape, layout.n, seed)
-    whole = attend(q, k, v, Plan(layout, rule, shifted=shifted))
-    chunked_plan = Plan(layout, rule, shifted=shifted, chunk_tokens=max_q)
+    whole = attend(q, k, v, Plan(layout, rule, shifted=shifted, packed=packed))
+    chunked_plan = Plan(layout, rule, shifted=shifted, chunk_tokens=max_q, packed=packed)
     chunked = attend(q, k, v, chunked_plan)
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)  # fp32, sums reordered
 
 
 def test_chunking_kicks_in_at_the_index_budget():
     lay = Layout(grid=(40, 40), window=(8, 8), text=5, ratio=2)
-    plan = Plan(lay, IMAGE_RULE, index_budget=16 * 4 * 4)  # at most 4x4 blocks a chunk
+    plan = Plan(lay, IMAGE_RULE, index_budget=16 * 4 * 4, packed=False)  # <= 4x4 blocks
     parts = flex_parts(plan, "cpu", 1)
     assert len(parts) > 2
     for _, _, bm in parts:
         assert bm.kv_indices.shape[-1] * bm.kv_indices.shape[-2] <= 16
+    q, k, v = qkv(2, 3, lay.n, 0)
+    ref = attend(q, k, v, Plan(lay, IMAGE_RULE, backend="reference"))
+    torch.testing.assert_close(attend(q, k, v, plan), ref, atol=1e-5, rtol=0)
+
+
+def test_packed_chunking_kicks_in_at_the_index_budget():
+    from attention.dispatch import packed_calls
+
+    lay = Layout(grid=(40, 40), window=(8, 8), text=5, ratio=2)
+    plan = Plan(lay, IMAGE_RULE, block=(16, 16), index_budget=16 * 40 * 40)
+    calls, dst = packed_calls(plan, "cpu", 1)
+    assert len(calls) > 2 and dst is not None
+    for c in calls:
+        assert c.block_mask.kv_indices.shape[-1] * c.block_mask.kv_indices.shape[-2] <= 1600
     q, k, v = qkv(2, 3, lay.n, 0)
     ref = attend(q, k, v, Plan(lay, IMAGE_RULE, backend="reference"))
     torch.testing.assert_close(attend(q, k, v, plan), ref, atol=1e-5, rtol=0)
