@@ -24,7 +24,7 @@ from .chunks import plan_chunks
 from .flex import flex
 from .layout import Layout
 from .packed import build_part as build_packed
-from .packed import exact_mask_mod, layout_extras, mask_mod, plan_parts
+from .packed import exact_mask_mod, layout_extras, mask_mod, plan_parts, rows
 from .rules import IMAGE_RULE, MaskRule, fused, tokens
 
 BACKENDS = ("flex", "reference", "dense")
@@ -212,15 +212,6 @@ def packed_calls(plan: Plan, device, bhd: int):
     return calls, dst
 
 
-def _rows(x: torch.Tensor, head: int, tail: torch.Tensor) -> torch.Tensor:
-    """x's rows [0, head) followed by the rows `tail` (dim 2)."""
-    if len(tail) == 0:
-        return x if head == x.shape[2] else x[:, :, :head]
-    if head == 0:
-        return x.index_select(2, tail)
-    return torch.cat([x[:, :, :head], x.index_select(2, tail)], dim=2)
-
-
 def attend(q, k, v, plan: Plan | None = None, scale: float | None = None):
     """Attention over (B, H, L, D) tensors in layout order."""
     if plan is None or plan.backend == "dense":
@@ -236,9 +227,9 @@ def attend(q, k, v, plan: Plan | None = None, scale: float | None = None):
         calls, dst = packed_calls(plan, q.device, B * H * D)
         outs = [
             flex(
-                _rows(q, c.q_head, c.q_tail),
-                _rows(k, c.kv_head, c.kv_tail),
-                _rows(v, c.kv_head, c.kv_tail),
+                rows(q, c.q_head, c.q_tail),
+                rows(k, c.kv_head, c.kv_tail),
+                rows(v, c.kv_head, c.kv_tail),
                 c.block_mask,
                 scale,
                 opts,
@@ -246,7 +237,7 @@ def attend(q, k, v, plan: Plan | None = None, scale: float | None = None):
             for c in calls
         ]
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-        return out if dst is None else out.index_select(2, dst)
+        return out if dst is None else rows(out, 0, dst)
     outs = []
     for c, kv_index, bm in flex_parts(plan, q.device, B * H * D):
         qc = q[:, :, c.q_start : c.q_end]

@@ -161,3 +161,28 @@ def test_packed_needs_unshifted_windows():
         Plan(lay, MaskRule(neighbours="shift"), packed=True)
     assert not Plan(lay, MaskRule(neighbours="shift")).is_packed
     assert Plan(lay, VIDEO_RULE).is_packed and not Plan(lay, IMAGE_RULE, packed=False).is_packed
+
+
+@pytest.mark.parametrize(
+    "dtype, d", [(torch.bfloat16, 16), (torch.float32, 16), (torch.float32, 3)]
+)
+def test_rows_copy_and_gradient(dtype, d):
+    """rows() copies 8-byte words where it can; values equal plain indexing, and
+    gradients (summed over repeated rows in fp32, rounded once) equal plain indexing's
+    computed in fp32, to one bf16 rounding."""
+    from attention.packed import rows
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 10, d, generator=g).to(dtype)
+    tail = torch.tensor([4, 9, 4, 0, 7])
+    for head in (0, 6):
+        want = torch.cat([x[:, :, :head], x[:, :, tail]], 2)
+        assert torch.equal(rows(x, head, tail), want)
+        a = x.clone().requires_grad_()
+        b = x.clone().float().requires_grad_()
+        up = torch.randn(want.shape, generator=g).to(dtype)
+        rows(a, head, tail).backward(up)
+        torch.cat([b[:, :, :head], b[:, :, tail]], 2).backward(up.float())
+        rtol = 2**-8 if dtype == torch.bfloat16 else 1e-6  # one rounding of the sum
+        torch.testing.assert_close(a.grad.float(), b.grad, atol=1e-6, rtol=rtol)
+    assert rows(x, 10, tail[:0]) is x
