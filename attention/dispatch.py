@@ -185,7 +185,7 @@ def packed_calls(plan: Plan, device, bhd: int):
     )
     if key in _parts_cache:
         return _parts_cache[key]
-    ex = layout_extras(lay, rule, blocks[0], device)
+    ex = layout_extras(lay, rule, blocks, device)
     calls, dst, offset = [], torch.empty(lay.n, dtype=torch.long, device=device), 0
     for prefix_q, w0, w1 in plan_parts(
         lay, rule, ex, blocks, bhd, plan.index_budget, plan.chunk_tokens

@@ -64,10 +64,12 @@ class Extras:
     q_lo: torch.Tensor  # (nb, 3) per-axis min of the block's query coordinates
     q_hi: torch.Tensor  # (nb, 3) per-axis max
     q_full: torch.Tensor  # (nb,) the block has no padding rows
-    a_count: torch.Tensor  # (nb,) aligned guidance keys of each block
-    a_src: torch.Tensor  # their layout positions, blocks in order
+    a_count: torch.Tensor  # (nw,) aligned guidance keys of each window
+    a_src: torch.Tensor  # their layout positions, windows in order
     r_count: torch.Tensor  # (nb,) halo ring keys of each block
     r_src: torch.Tensor  # their layout positions, blocks in order, keys in raster order
+    r_start: torch.Tensor  # (nb,) first slot of each block's ring in its window's region
+    r_size: torch.Tensor  # (nw,) slots of each window's ring region (whole key blocks)
 
 
 def detail_query_blocks(layout: Layout, bq: int, dev):
@@ -145,9 +147,11 @@ def _ring_sources(layout: Layout, radius: int, window, lo, hi, ok, dev, step=1 <
     return torch.cat(counts), torch.cat(srcs)
 
 
-def layout_extras(layout: Layout, rule: MaskRule, bq: int, device) -> Extras:
-    """The extras of every detail query block (see the module docstring)."""
+def layout_extras(layout: Layout, rule: MaskRule, block, device) -> Extras:
+    """The extras of every detail query block (see the module docstring), for (query,
+    key) block sizes `block`."""
     dev = torch.device(device)
+    bq, bk = block
     window, first, a, e = detail_query_blocks(layout, bq, dev)
     lo, hi, ok = _query_boxes(layout, window, a, e, dev)
     big = torch.iinfo(torch.long).max
@@ -157,14 +161,38 @@ def layout_extras(layout: Layout, rule: MaskRule, bq: int, device) -> Extras:
     empty = torch.zeros(0, dtype=torch.long, device=dev)
     a_count, a_src, r_count, r_src = zero, empty, zero, empty
     if rule.scope == "aligned" and layout.has_guidance:
-        counts, src = _aligned_sources(layout, rule, dev)
-        # repeat each window's list for each of its query blocks
-        starts = torch.cumsum(counts, 0) - counts
-        item, rank = _expand(counts[window])
-        a_count, a_src = counts[window], src[starts[window][item] + rank]
+        a_count, a_src = _aligned_sources(layout, rule, dev)
+    else:
+        a_count = torch.zeros(layout.n_windows, dtype=torch.long, device=dev)
     if rule.neighbours == "halo":
         r_count, r_src = _ring_sources(layout, rule.halo, window, lo, hi, ok, dev)
-    return Extras(window, first, q_lo, q_hi, e - a == bq, a_count, a_src, r_count, r_src)
+    r_start, r_size = pack_rings(r_count, window, first, layout.n_windows, bk)
+    q_full = e - a == bq
+    return Extras(
+        window, first, q_lo, q_hi, q_full, a_count, a_src, r_count, r_src, r_start, r_size
+    )
+
+
+def pack_rings(count, window, first, n_windows: int, bk: int):
+    """Lay out the rings of each window's query blocks one after another in key blocks
+    of bk slots, starting a ring at the next block edge only when it would otherwise
+    straddle one. Small rings then share a key block (flux-4k: both rings of a window in
+    one block) and each ring lies in as few key blocks as it can. Returns each ring's
+    first slot in its window's region (nb,) and each region's size (nw,)."""
+    dev = count.device
+    start = torch.zeros_like(count)
+    fill = torch.zeros(n_windows, dtype=torch.long, device=dev)
+    rank = torch.arange(len(count), device=dev) - first[window]
+    for r in range(int(rank.max()) + 1 if len(rank) else 0):
+        g = torch.nonzero(rank == r).squeeze(1)  # the r-th block of every window
+        w, c = window[g], count[g]
+        f = fill[w]
+        used = f % bk
+        straddle = (used > 0) & (used + c > bk)
+        s = torch.where(straddle, f - used + bk, f)
+        start[g] = s
+        fill[w] = s + c
+    return start, -(-fill // bk) * bk
 
 
 @dataclass(eq=False)
@@ -205,18 +233,18 @@ class Part:
     q_kind: torch.Tensor  # (Lq,) TEXT / GUIDANCE / DETAIL
     q_win: torch.Tensor  # (Lq,) window of detail rows, else -1
     blocks: Blocks
+    shared_rings: bool = False  # some key block holds the rings of several query blocks
 
 
 def part_sizes(layout: Layout, rule: MaskRule, ex: Extras, block, prefix_q: bool, w0, w1):
     """(query slots, key slots, detail queries) of the part for windows [w0, w1),
     without building it."""
     bq, bk = block
-    vol = layout.detail_windows.volume
+    vol = layout.detail_windows.volume[w0:w1]
     nt, ng = layout.n_text, layout.n_guidance
-    lq = sum(_ceil(int(v), bq) for v in vol[w0:w1].tolist())
-    lk = sum(_ceil(int(v), bk) for v in vol[w0:w1].tolist())
-    g0, g1 = _block_range(ex, w0, w1)
-    lk += int((-(-ex.a_count[g0:g1] // bk)).sum() + (-(-ex.r_count[g0:g1] // bk)).sum()) * bk
+    lq = int((-(-vol // bq)).sum()) * bq
+    lk = int((-(-vol // bk)).sum() + (-(-ex.a_count[w0:w1] // bk)).sum()) * bk
+    lk += int(ex.r_size[w0:w1].sum())
     has_d = w1 > w0
     if prefix_q:
         lq += _ceil(nt, bq) + _ceil(ng, bq)
@@ -224,7 +252,7 @@ def part_sizes(layout: Layout, rule: MaskRule, ex: Extras, block, prefix_q: bool
         lk += _ceil(nt, bk)
     if ng and (prefix_q or (has_d and rule.scope == "all")):
         lk += _ceil(ng, bk)
-    return lq, lk, int(vol[w0:w1].sum())
+    return lq, lk, int(vol.sum())
 
 
 def _block_range(ex: Extras, w0: int, w1: int):
@@ -232,6 +260,28 @@ def _block_range(ex: Extras, w0: int, w1: int):
     g0 = int(ex.first[w0]) if w0 < len(ex.first) else nb
     g1 = int(ex.first[w1]) if w1 < len(ex.first) else nb
     return g0, g1
+
+
+def _ring_region(ex: Extras, w0: int, w1: int, g0: int, g1: int, owner_of_g, bk: int, dev):
+    """The halo rings of windows [w0, w1), each window's region as `pack_rings` laid it
+    out: (src, real, owner) per slot, and the first and last slot of each query block's
+    ring (relative to the region)."""
+    size = ex.r_size[w0:w1]
+    base = torch.cumsum(size, 0) - size  # each window's region in the part's region
+    gs = torch.arange(g0, g1, device=dev)
+    count = ex.r_count[gs]
+    start = base[ex.window[gs] - w0] + ex.r_start[gs]
+    r_off = torch.cumsum(ex.r_count, 0) - ex.r_count
+    item, rank = _expand(count)
+    slot = start[item] + rank
+    total = int(size.sum())
+    src = torch.zeros(total, dtype=torch.long, device=dev)
+    real = torch.zeros(total, dtype=torch.bool, device=dev)
+    owner = torch.full((total,), -1, dtype=torch.long, device=dev)
+    src[slot] = ex.r_src[r_off[gs][item] + rank]
+    real[slot] = True
+    owner[slot] = owner_of_g[item]
+    return src, real, owner, start, start + count - 1, count
 
 
 def build_part(
@@ -244,14 +294,13 @@ def build_part(
     nt, ng, n = layout.n_text, layout.n_guidance, layout.n
     dw = layout.detail_windows
     wins = torch.arange(w0, w1, device=dev)
+    nw = len(wins)
     vol = dw.volume.to(dev)[wins]
     w_off = layout.detail_start + dw.start.to(dev)[wins]
     g0, g1 = _block_range(ex, w0, w1)
-    gs = torch.arange(g0, g1, device=dev)
     ngb = g1 - g0
-    pool = torch.cat([torch.arange(n, device=dev), ex.a_src, ex.r_src])
+    pool = torch.cat([torch.arange(n, device=dev), ex.a_src])
     a_off = n + torch.cumsum(ex.a_count, 0) - ex.a_count
-    r_off = n + len(ex.a_src) + torch.cumsum(ex.r_count, 0) - ex.r_count
 
     def t(*xs):
         return torch.tensor(xs, dtype=torch.long, device=dev).reshape(-1)
@@ -267,38 +316,49 @@ def build_part(
         bq,
     )
     n_pre_qb = sum(-(-c // bq) for c, _, _ in pre)
-    # ---- keys: [text | guidance] as needed, own windows, extras per query block ---
+    # the packed query block of each detail query block of the part
+    q_blk_of_g = n_pre_qb + torch.arange(ngb, device=dev)
+    # ---- keys: [text | guidance] as needed, own windows, aligned guidance per window,
+    # then the halo rings -----------------------------------------------------------
     has_d = w1 > w0
     want_t = nt and (prefix_q or (has_d and rule.detail_sees_text))
     want_g = ng and (prefix_q or (has_d and rule.scope == "all"))
     kpre = [(nt, 0, K_TEXT)] if want_t else []
     kpre += [(ng, nt, K_GUIDANCE)] if want_g else []
-    # the packed query block of each detail query block of the part
-    q_blk_of_g = n_pre_qb + torch.arange(ngb, device=dev)
-    x_count = torch.stack([ex.a_count[gs], ex.r_count[gs]], 1).reshape(-1)
-    x_off = torch.stack([a_off[gs], r_off[gs]], 1).reshape(-1)
-    x_kind = t(K_ALIGNED, K_RING).repeat(ngb)
-    x_owner = q_blk_of_g.repeat_interleave(2)
     kvs = _seq(
-        torch.cat([t(*(c for c, _, _ in kpre)), vol, x_count]),
-        torch.cat([t(*(o for _, o, _ in kpre)), w_off, x_off]),
-        torch.cat([t(*(k for _, _, k in kpre)), torch.full_like(vol, K_OWN), x_kind]),
-        torch.cat([torch.full((len(kpre),), -1, device=dev), wins, x_owner]),
+        torch.cat([t(*(c for c, _, _ in kpre)), vol, ex.a_count[w0:w1]]),
+        torch.cat([t(*(o for _, o, _ in kpre)), w_off, a_off[w0:w1]]),
+        torch.cat(
+            [
+                t(*(k for _, _, k in kpre)),
+                torch.full_like(vol, K_OWN),
+                torch.full_like(vol, K_ALIGNED),
+            ]
+        ),
+        torch.cat([torch.full((len(kpre),), -1, device=dev), wins, wins]),
         pool,
         bk,
     )
+    ring_base = len(kvs.src)
+    r_src, r_real, r_owner, r_first, r_last, r_count = _ring_region(
+        ex, w0, w1, g0, g1, q_blk_of_g, bk, dev
+    )
+    kvs.src = torch.cat([kvs.src, r_src])
+    kvs.real = torch.cat([kvs.real, r_real])
+    kvs.kind = torch.cat([kvs.kind, torch.full_like(r_src, K_RING)])
+    kvs.owner = torch.cat([kvs.owner, r_owner])
+    kvs.block_real = kvs.real.view(-1, bk).sum(1)
     kvs.kind = torch.where(kvs.real, kvs.kind, K_PAD)
-    # ---- block pairs: (query block, key piece) then expanded to key blocks --------
+    # ---- block pairs: (query blocks, first key block, key block count) -------------
     nkp = len(kpre)
     kp_text = next((i for i, (_, _, k) in enumerate(kpre) if k == K_TEXT), None)
     kp_guid = next((i for i, (_, _, k) in enumerate(kpre) if k == K_GUIDANCE), None)
-    pairs_q, pairs_p = [], []
+    links = []
 
-    def link(q_blocks, piece):
-        if piece is None or len(q_blocks) == 0:
-            return
-        pairs_q.append(q_blocks)
-        pairs_p.append(piece if torch.is_tensor(piece) else torch.full_like(q_blocks, piece))
+    def link(q_blocks, piece):  # every block of a key piece
+        if piece is not None and len(q_blocks):
+            piece = piece if torch.is_tensor(piece) else torch.full_like(q_blocks, piece)
+            links.append((q_blocks, kvs.first[piece], kvs.blocks[piece]))
 
     qb = 0
     for c, _, k in pre:  # text and guidance query blocks
@@ -307,17 +367,21 @@ def build_part(
         link(blocks, kp_text if (k == TEXT or rule.guidance_sees_text) else None)
         link(blocks, kp_guid)
     if ngb:
-        local_w = ex.window[gs] - w0
+        local_w = ex.window[g0:g1] - w0
         if rule.detail_sees_text:
             link(q_blk_of_g, kp_text)
         if rule.scope == "all":
             link(q_blk_of_g, kp_guid)
         link(q_blk_of_g, nkp + local_w)  # own window
-        link(q_blk_of_g, nkp + len(wins) + 2 * torch.arange(ngb, device=dev))  # aligned
-        link(q_blk_of_g, nkp + len(wins) + 2 * torch.arange(ngb, device=dev) + 1)  # ring
-    pq, pp = torch.cat(pairs_q), torch.cat(pairs_p)
-    item, rank = _expand(kvs.blocks[pp])
-    q_blk, k_blk = pq[item], kvs.first[pp][item] + rank
+        link(q_blk_of_g, nkp + nw + local_w)  # aligned guidance of the window
+        has = r_count > 0  # the key blocks the block's ring spans
+        first = (ring_base + r_first[has]) // bk
+        links.append((q_blk_of_g[has], first, (ring_base + r_last[has]) // bk - first + 1))
+    pq = torch.cat([x[0] for x in links])
+    pf = torch.cat([x[1] for x in links])
+    pc = torch.cat([x[2] for x in links])
+    item, rank = _expand(pc)
+    q_blk, k_blk = pq[item], pf[item] + rank
     # ---- full or partial ----------------------------------------------------------
     n_qb, n_kb = len(qs.src) // bq, len(kvs.src) // bk
     k_kind_blk = kvs.kind.view(n_kb, bk).amax(1)  # kind of the block's piece
@@ -330,11 +394,18 @@ def build_part(
         big = torch.iinfo(torch.long).max
         k_lo = torch.where(kr, kc, big).amin(1)
         k_hi = torch.where(kr, kc, -big).amax(1)
+        own = kvs.owner.view(n_kb, bk)
+        one_owner = own.amin(1) == own.amax(1)  # a full ring block: no padding, one owner
         g = q_blk[ring] - n_pre_qb + g0  # global detail query block
         kb = k_blk[ring]
         span = torch.maximum(ex.q_hi[g] - k_lo[kb], k_hi[kb] - ex.q_lo[g])
         all_near = (span <= rule.halo).all(-1)
-        full[ring] = all_near & ex.q_full[g] & (kvs.block_real[kb] == bk)
+        full[ring] = all_near & ex.q_full[g] & (kvs.block_real[kb] == bk) & one_owner[kb]
+    shared = False  # does a ring key block hold keys of two query blocks?
+    if len(r_owner):
+        ring_own = r_owner.view(-1, bk)  # -1 on padding slots
+        hi = ring_own.amax(1, keepdim=True)
+        shared = bool((torch.where(ring_own < 0, hi, ring_own) != hi).any())
     order = torch.argsort(q_blk * n_kb + k_blk)
     q_kind = qs.kind
     q_win = torch.where(q_kind == DETAIL, qs.owner, -1)
@@ -347,7 +418,7 @@ def build_part(
         (n_qb, n_kb),
         ("near",) if bool(ring.any()) else (),
     )
-    return Part(qs, kvs, q_kind, q_win, b)
+    return Part(qs, kvs, q_kind, q_win, b, shared)
 
 
 def plan_parts(layout, rule, ex: Extras, block, bhd: int, budget: int, max_q=None):
@@ -407,9 +478,11 @@ def _axes(layout: Layout):
 
 
 def mask_mod(layout: Layout, rule: MaskRule, part: Part, device, uniform: bool = False):
-    """The kernel's mask on the packed sequences: `plain[k] | near(q, k)`. Exact on the
-    tiles of `part.blocks` (every tile holds one kind of query against one kind of key
-    of the right owner); `exact_mask_mod` is the rule everywhere. uniform=True: one
+    """The kernel's mask on the packed sequences: `plain[k] | near(q, k)`, and where a
+    key block holds the rings of several query blocks, near only for the query's own
+    ring. Exact on the tiles of `part.blocks` (every tile holds one kind of query
+    against one kind of key of the right owner); `exact_mask_mod` is the rule
+    everywhere. uniform=True: one
     compiled kernel for every rule and layout (the radius is a tensor, -1 without halo,
     and all three axes are compared)."""
     coords = _table(layout, "coords", str(part.q.src.device))
@@ -429,20 +502,27 @@ def mask_mod(layout: Layout, rule: MaskRule, part: Part, device, uniform: bool =
     if uniform:
         r = torch.tensor(r, device=device)
 
+    bq = part.blocks.block[0]
+    owner = _static(torch.where(kr, part.kv.owner, -1), -1, device)
+    check_owner = part.shared_rings or uniform
+
     def mod(b, h, qi, ki):
         near = None
         for qp, kp in zip(q_pos, k_pos):
             x = (qp[qi] - kp[ki]).abs() <= r
             near = x if near is None else near & x
+        if check_owner:  # a key block holds the rings of several query blocks
+            near = near & (owner[ki] == qi // bq)
         return (plain[ki] != 0) | near
 
-    return _named(mod, f"packed[plain+near({r})]")
+    name = "+owner" if check_owner else ""
+    return _named(mod, f"packed[plain+near({r}){name}]")
 
 
 def exact_mask_mod(layout: Layout, rule: MaskRule, part: Part, device):
     """The rule on the packed sequences, for every pair: keys of the shared prefix by
-    segment, own-window keys by window, extras by their query block (and ring keys by
-    distance). Padding keys are never allowed."""
+    segment, own-window and aligned guidance keys by window, ring keys by query block
+    and distance. Padding keys are never allowed."""
     bq = part.blocks.block[0]
     coords = _table(layout, "coords", str(part.q.src.device))
     qd = part.q.real & (part.q_kind == DETAIL)
@@ -463,13 +543,12 @@ def exact_mask_mod(layout: Layout, rule: MaskRule, part: Part, device):
         for qp, kp in zip(q_pos, k_pos):
             x = (qp[qi] - kp[ki]).abs() <= r
             near = x if near is None else near & x
-        mine = k_owner[ki] == qi // bq
         return (
             ((kk == K_TEXT) & (s_text[qk] != 0))
             | ((kk == K_GUIDANCE) & (s_guid[qk] != 0))
             | ((kk == K_OWN) & (k_owner[ki] == q_win[qi]))
-            | ((kk == K_ALIGNED) & mine)
-            | ((kk == K_RING) & mine & near)
+            | ((kk == K_ALIGNED) & (k_owner[ki] == q_win[qi]))
+            | ((kk == K_RING) & (k_owner[ki] == qi // bq) & near)
         )
 
     return _named(mod, f"packed_exact[{rule.name}]")

@@ -38,7 +38,7 @@ def packed_plans(draw, max_tokens=420):
 
 
 def parts_of(layout, rule, block, max_q):
-    ex = layout_extras(layout, rule, block[0], "cpu")
+    ex = layout_extras(layout, rule, block, "cpu")
     specs = plan_parts(layout, rule, ex, block, 1, 1 << 40, max_q)
     return [build_part(layout, rule, ex, block, *s, "cpu") for s in specs], specs, ex
 
@@ -109,7 +109,7 @@ def test_parts_respect_the_limits(plan, max_len, budget):
     indices within the budget and its detail queries within the cap; or planning says
     clearly that it cannot."""
     layout, rule, block, max_q = plan
-    ex = layout_extras(layout, rule, block[0], "cpu")
+    ex = layout_extras(layout, rule, block, "cpu")
     bhd = 2**31 // max_len
     try:
         specs = plan_parts(layout, rule, ex, block, bhd, budget, max_q)
@@ -128,15 +128,18 @@ def test_parts_respect_the_limits(plan, max_len, budget):
 
 def test_flux_4k_packs_without_copies_of_queries():
     """At the flux-4k preset every segment fills whole blocks: queries are the layout
-    itself, the keys are the layout plus one 128-key ring block per query block."""
+    itself, the keys are the layout plus one 128-key block per window holding the rings
+    of both its query blocks (36 keys each)."""
     from attention.presets import PRESETS
 
     layout, rule, _, _ = PRESETS["flux-4k"]
-    ex = layout_extras(layout, rule, 128, "cpu")
+    ex = layout_extras(layout, rule, (128, 128), "cpu")
     p = build_part(layout, rule, ex, (128, 128), True, 0, layout.n_windows, "cpu")
     assert p.q.head == len(p.q.src) == layout.n
     assert p.kv.head == layout.n
-    assert len(p.kv.src) == layout.n + 128 * (layout.n_detail // 128)
+    assert len(p.kv.src) == layout.n + 128 * layout.n_windows
+    g = int(ex.first[17])  # window (1, 1): interior
+    assert ex.r_count[g : g + 2].tolist() == [36, 36] and p.shared_rings
     ring = p.blocks.full == 0
     assert int(ring.sum()) == layout.n_detail // 128  # one partial tile per query block
     assert bool((p.kv.kind[p.blocks.k_blk[ring] * 128] == K_RING).all())
@@ -147,7 +150,7 @@ def test_video_ring_of_a_cube():
     halo 1: the ring is the block's box grown by one, minus the cube."""
     layout = Layout(grid=(12, 12, 12), window=(4, 4, 4))
     rule = MaskRule(neighbours="halo", halo=1)
-    ex = layout_extras(layout, rule, 32, "cpu")
+    ex = layout_extras(layout, rule, (32, 32), "cpu")
     centre = 13  # window (1, 1, 1)
     g = int(ex.first[centre])  # its first query block: frames 4-5 of the cube
     grown = 4 * 6 * 6  # frames 3..6, rows and columns 3..8
