@@ -1,4 +1,5 @@
-"""Show a layout's attention: token counts, block density, FLOPs, and a picture.
+"""Show a layout's attention: token counts, block density, FLOPs, what the packed
+path runs, and a picture.
 
     python -m attention.show --preset flux-4k
     python -m attention.show --grid 64,64 --window 16,16 --text 512 --ratio 4 --halo 1
@@ -19,6 +20,7 @@ import torch
 
 from .blockmask import analytic_block_mask
 from .layout import Layout
+from .packed import build_part, layout_extras, plan_parts
 from .png import write_png
 from .presets import PRESETS
 from .rules import IMAGE_RULE, MaskRule, fused, tokens
@@ -152,6 +154,28 @@ def picture(bm, max_px: int) -> np.ndarray:
     return out
 
 
+def packed_line(layout, rule, heads, head_dim, unit, dense, device):
+    """What `attend` runs: the packed calls (attention/packed.py) for batch 1."""
+    block = (128, 128)
+    ex = layout_extras(layout, rule, block, device)
+    specs = plan_parts(layout, rule, ex, block, heads * head_dim, 1 << 30)
+    n_q = n_kv = full = partial = 0
+    for spec in specs:
+        b = build_part(layout, rule, ex, block, *spec, device).blocks
+        n_q, n_kv = n_q + b.lengths[0], n_kv + b.lengths[1]
+        full, partial = full + int(b.full.sum()), partial + int((~b.full).sum())
+    computed = unit * (full + partial) * block[0] * block[1]
+    versus = (
+        f"{dense / computed:.1f}x less than dense"
+        if computed <= dense
+        else "more than dense: small windows padded to whole blocks"
+    )
+    print(
+        f"packed    what attend runs: {len(specs)} call(s), {n_q:,} query / {n_kv:,} key "
+        f"slots; tiles full {full:,}, partial {partial:,}; {_flop(computed)} ({versus})"
+    )
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     name, layout, rule, heads, head_dim = resolve(args)
@@ -187,6 +211,8 @@ def main(argv=None) -> int:
         f"block-sparse {_flop(computed)} ({dense / computed:.1f}x less); "
         f"allowed pairs alone {_flop(useful)}"
     )
+    if rule.neighbours != "shift":
+        packed_line(layout, rule, heads, head_dim, unit, dense, args.device)
     if not args.no_png:
         path = args.png or f"blockmask-{name}.png"
         img = picture(bm, args.max_px)

@@ -53,6 +53,8 @@ def test_tiny_preset_prints_counts_and_writes_the_picture(tmp_path, capsys):
     blocks = re.search(r"non-empty (\d+) = [\d.]+% \(full (\d+), partial (\d+)\)", out)
     assert blocks and int(blocks[1]) == int(blocks[2]) + int(blocks[3])
     assert re.search(r"allowed [\d,]+ of 94,249", out)
+    # tiny: text 7 -> 1 block, guidance 60 -> 1 block, 9 windows of 32 -> 1 block each
+    assert "packed    what attend runs: 1 call(s), 1,408 query / " in out
     assert path.exists() and path.stat().st_size > 0
 
 
