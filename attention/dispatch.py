@@ -201,8 +201,8 @@ def packed_calls(plan: Plan, device, bhd: int):
                 p.q.head, p.q.src[p.q.head :], p.kv.head, p.kv.src[p.kv.head :], bm, n_q, n_kv
             )
         )
-        rows = torch.nonzero(p.q.real).squeeze(1)
-        dst[p.q.src[rows]] = offset + rows
+        real = torch.nonzero(p.q.real).squeeze(1)
+        dst[p.q.src[real]] = offset + real
         offset += n_q
     if offset == lay.n and bool((dst == torch.arange(lay.n, device=device)).all()):
         dst = None

@@ -36,10 +36,10 @@ from dataclasses import dataclass
 import torch
 
 from .blockmask import Blocks, _expand, raster_boxes, windows_in_ranges
+from .chunks import INT32
 from .layout import DETAIL, GUIDANCE, TEXT, Layout
 from .rules import FAR, MaskRule, _named, capacity
 
-INT32 = 2**31
 # kinds of packed keys (queries use the segment ids TEXT, GUIDANCE, DETAIL)
 K_TEXT, K_GUIDANCE, K_OWN, K_ALIGNED, K_RING, K_PAD = 0, 1, 2, 3, 4, -1
 
@@ -106,17 +106,14 @@ def _aligned_sources(layout: Layout, rule: MaskRule, dev):
     return counts, src
 
 
-def _ring_sources(layout: Layout, radius: int, window, lo, hi, ok, dev, step=1 << 24):
+def _ring_sources(layout: Layout, radius: int, window, lo, hi, ok, b_lo, b_hi, dev, step=1 << 24):
     """Per detail query block: the detail keys outside its window within `radius` of one
-    of its queries (the query boxes lo..hi, ok). Returns counts (nb,), layout positions
-    of the keys, blocks in order, keys in raster order."""
+    of its queries (the query boxes lo..hi, ok; their bounding box b_lo..b_hi). Returns
+    counts (nb,), layout positions of the keys, blocks in order, keys in raster order."""
     grid = torch.tensor(layout.grid, device=dev)
     dw = layout.detail_windows
     w_lo = dw.origin.to(dev)[window]
     w_hi = w_lo + dw.size.to(dev)[window] - 1
-    big = torch.iinfo(torch.long).max
-    b_lo = torch.where(ok[..., None], lo, big).amin(1)
-    b_hi = torch.where(ok[..., None], hi, -1).amax(1)
     c_lo = (b_lo - radius).clamp(min=0)  # candidate box: the blocks' box grown by radius
     c_hi = torch.minimum(b_hi + radius, grid - 1)
     ext = c_hi - c_lo + 1
@@ -157,15 +154,13 @@ def layout_extras(layout: Layout, rule: MaskRule, block, device) -> Extras:
     big = torch.iinfo(torch.long).max
     q_lo = torch.where(ok[..., None], lo, big).amin(1)
     q_hi = torch.where(ok[..., None], hi, -big).amax(1)
-    zero = torch.zeros(len(window), dtype=torch.long, device=dev)
     empty = torch.zeros(0, dtype=torch.long, device=dev)
-    a_count, a_src, r_count, r_src = zero, empty, zero, empty
+    a_count = torch.zeros(layout.n_windows, dtype=torch.long, device=dev)
+    r_count, a_src, r_src = torch.zeros_like(window), empty, empty
     if rule.scope == "aligned" and layout.has_guidance:
         a_count, a_src = _aligned_sources(layout, rule, dev)
-    else:
-        a_count = torch.zeros(layout.n_windows, dtype=torch.long, device=dev)
     if rule.neighbours == "halo":
-        r_count, r_src = _ring_sources(layout, rule.halo, window, lo, hi, ok, dev)
+        r_count, r_src = _ring_sources(layout, rule.halo, window, lo, hi, ok, q_lo, q_hi, dev)
     r_start, r_size = pack_rings(r_count, window, first, layout.n_windows, bk)
     q_full = e - a == bq
     return Extras(
