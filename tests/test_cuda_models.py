@@ -1,0 +1,115 @@
+"""The FLUX.1 models on the GPU: loaded straight to the device, and equal to the same
+models on the CPU (tiny presets, TF32 off; errors relative to the output's largest
+value, bounds stated per test).
+
+Run with the device tool: `pytest -m cuda tests/test_cuda_models.py`."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from models import autoencoder, clip, t5
+from models.flux import PRESETS, Flux, image_ids, text_ids
+from models.flux_files import load_clip, load_flux_ae, load_flux_transformer, load_t5
+
+pytestmark = pytest.mark.cuda
+REL = 1e-5  # fp32 GPU vs fp32 CPU: the AE and text encoders
+
+
+def assert_close(out, ref, what, rel=REL):
+    err, scale = (out.cpu() - ref).abs().max().item(), ref.abs().max().item()
+    print(f"{what}: max abs error {err:.3g}, largest value {scale:.3g}")
+    assert err <= rel * scale, what
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def saved(tmp_path, model, name):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    path = tmp_path / name
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return model.eval(), path
+
+
+def on_cuda(model):
+    return all(t.device.type == "cuda" for t in [*model.parameters(), *model.buffers()])
+
+
+@torch.no_grad()
+def test_flux_transformer(tmp_path):
+    """fp64 on the GPU equals fp64 on the CPU to 1e-9 (relative to the largest value):
+    the model does the same arithmetic on both. fp32, on either device, is within 1e-4
+    of fp64. The fp32 timestep embedding (as BFL and diffusers compute it) is the loose
+    part: the sines' arguments reach 1000 radians, so one ulp of fp32 moves them by
+    ~1e-4; these random weights amplify that to 3e-5 to 6e-5 of the output (measured
+    on H100 and on the CPU)."""
+    cpu, path = saved(tmp_path, Flux(PRESETS["tiny"]), "flux.safetensors")
+    g = torch.Generator().manual_seed(1)
+    x = dict(
+        img=torch.randn(2, 15, 64, generator=g),
+        img_ids=image_ids(3, 5, 2) * 0.5,
+        txt=torch.randn(2, 7, 64, generator=g),
+        txt_ids=text_ids(7, 2),
+        timesteps=torch.tensor([0.5, 0.25]),  # 1000·t and 1000·g exact in bf16
+        y=torch.randn(2, 64, generator=g),
+        guidance=torch.tensor([4.0, 2.0]),
+    )
+
+    def cast(dtype, device):
+        return {k: v.to(device, dtype) for k, v in x.items()}
+
+    ref = cpu.double()(**cast(torch.float64, "cpu"))
+    out32 = {}
+    for dtype, rel in [(torch.float64, 1e-9), (torch.float32, 1e-4)]:
+        gpu = load_flux_transformer(path, config=PRESETS["tiny"], device="cuda", dtype=dtype)
+        assert on_cuda(gpu)
+        out = gpu(**cast(dtype, "cuda"))
+        assert_close(out.double(), ref, f"flux {dtype}", rel)
+        out32[dtype] = out
+    cpu32 = cpu.float()(**cast(torch.float32, "cpu"))
+    assert_close(cpu32.double(), ref, "flux float32 on the CPU", 1e-4)
+    bf16 = load_flux_transformer(path, config=PRESETS["tiny"], device="cuda", dtype=torch.bfloat16)
+    out16 = bf16(**{k: (v.cuda().bfloat16() if v.is_floating_point() else v) for k, v in x.items()})
+    assert out16.dtype == torch.bfloat16
+    rel = ((out16.double().cpu() - ref).norm() / ref.norm()).item()
+    print(f"flux bf16: relative L2 error {rel:.3g}")
+    assert rel <= 3e-2
+
+
+@torch.no_grad()
+def test_autoencoder_tiled(tmp_path):
+    cfg = autoencoder.PRESETS["tiny"]
+    cpu, path = saved(tmp_path, autoencoder.AutoEncoder(cfg), "ae.safetensors")
+    gpu = load_flux_ae(path, config=cfg, device="cuda", dtype=torch.float32)
+    assert on_cuda(gpu)
+    z = torch.randn(1, 16, 20, 28, generator=torch.Generator().manual_seed(2))
+    ref = cpu.decode_tiled(z, tile=12, overlap=4)
+    out = gpu.decode_tiled(z.cuda(), tile=12, overlap=4)
+    assert_close(out, ref, "ae decode_tiled")
+    x = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    assert_close(gpu.encode(x.cuda()), cpu.encode(x), "ae encode")
+
+
+@torch.no_grad()
+def test_text_encoders(tmp_path):
+    ids = torch.randint(0, 999, (2, 77), generator=torch.Generator().manual_seed(4))
+    ids[:, 20:] = 999  # EOS (the largest id) and its padding
+    cfg = clip.PRESETS["tiny"]
+    cpu, path = saved(tmp_path, clip.CLIPTextEncoder(cfg), "clip.safetensors")
+    gpu = load_clip(path, config=cfg, device="cuda", dtype=torch.float32)
+    assert on_cuda(gpu)
+    assert_close(gpu(ids.cuda()), cpu(ids), "clip pooled")
+    cfg = t5.PRESETS["tiny"]
+    cpu, path = saved(tmp_path, t5.T5Encoder(cfg), "t5.safetensors")
+    gpu = load_t5(path, config=cfg, device="cuda", dtype=torch.float32)
+    assert on_cuda(gpu)
+    assert_close(gpu(ids[:, :40].cuda()), cpu(ids[:, :40]), "t5")
