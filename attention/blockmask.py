@@ -256,6 +256,8 @@ def candidate_pairs(layout, rule, shifted, qb: Boxes, kv: Side, n_kv_blocks, blo
 
     if nt:  # text keys: small, visible to most queries
         every(n_blocks, 0, (nt + block - 1) // block)
+    if rule.text_sees_detail and nt:  # text queries: every key (unchunked only)
+        every(n_blocks[(qb.seg == TEXT).any(1)], 0, n_kv_blocks)
     is_d = qb.seg == DETAIL
     if ng:
         g_lo, g_hi = nt // block, (nt + ng + block - 1) // block
@@ -307,6 +309,7 @@ def classify(layout, rule, shifted, qb: Boxes, kb: Boxes, q_blk, k_blk, chunk=1 
     sees[TEXT, TEXT] = sees[TEXT, GUIDANCE] = sees[GUIDANCE, GUIDANCE] = True
     sees[GUIDANCE, TEXT] = rule.guidance_sees_text
     sees[DETAIL, TEXT] = rule.detail_sees_text
+    sees[TEXT, DETAIL] = rule.text_sees_detail
     sees[DETAIL, GUIDANCE] = rule.scope == "all"
     sees = sees.to(dev)
     window = torch.tensor(layout.window, device=dev)

@@ -63,6 +63,11 @@ def plan_chunks(
     n, head = layout.n, layout.detail_start
     if _fits(n, n, bhd, budget, max_q, block):
         return [Chunk(Side.whole(layout), Side.whole(layout), 0, n, None)]
+    if rule.text_sees_detail and layout.n_text:
+        raise ValueError(
+            f"text_sees_detail needs every key in one call, and {n} tokens exceed the limits "
+            f"(B*H*D = {bhd}, index budget {budget} bytes, query cap {max_q})"
+        )
     chunks = []
     if head:
         if not _fits(head, head, bhd, budget, None, block):

@@ -48,7 +48,7 @@ class Plan:
     chunk_tokens: int | None = None  # cap on the queries of a chunk (None: as needed)
     kernel_options: tuple = ()  # flex kernel options, as sorted (key, value) pairs
     uniform_kernel: bool = False  # one compiled mask for every rule (see rules.fused)
-    packed: bool | None = None  # flex on packed sequences; None: unless neighbours="shift"
+    packed: bool | None = None  # flex on packed sequences; None: when the rule allows
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -59,10 +59,16 @@ class Plan:
             raise ValueError("shifted windows need neighbours='shift'")
         if self.packed and self.rule.neighbours == "shift":
             raise ValueError("packed=True cannot run shifted windows: use packed=False")
+        if self.packed and self.rule.text_sees_detail:
+            raise ValueError("packed=True cannot run text_sees_detail: use packed=False")
 
     @property
     def is_packed(self) -> bool:
-        return self.rule.neighbours != "shift" if self.packed is None else self.packed
+        """None packs every rule the packed path runs: not shifted windows, not
+        text_sees_detail (text would need every window's keys)."""
+        if self.packed is None:
+            return self.rule.neighbours != "shift" and not self.rule.text_sees_detail
+        return self.packed
 
     @property
     def blocks(self) -> tuple[int, int]:
@@ -91,6 +97,7 @@ def reference_mask(plan: Plan) -> torch.Tensor:
         halo=r.halo,
         guidance_sees_text=r.guidance_sees_text,
         detail_sees_text=r.detail_sees_text,
+        text_sees_detail=r.text_sees_detail,
         shifted=plan.shifted,
     )
     return m[lay.perm][:, lay.perm]

@@ -2,9 +2,13 @@
 
 | query \\ key | text              | guidance                 | detail                     |
 |-------------|-------------------|--------------------------|----------------------------|
-| text        | yes               | yes                      | no                         |
+| text        | yes               | yes                      | text_sees_detail (no)      |
 | guidance    | guidance_sees_text| yes                      | never (one-way guidance)   |
 | detail      | detail_sees_text  | scope all / aligned(m)   | own window + neighbours    |
+
+text_sees_detail (off by default, UltraGen's rule) lets text see every detail token, as
+in plain FLUX: with one window and no guidance the rule is then dense attention. It runs
+in layout order and unchunked (see dispatch.Plan).
 
 Neighbours: `none`; `halo(k)`: also detail keys within k tokens of the query along every
 axis; `shift`: odd layers use windows shifted by half a window (Swin).
@@ -39,6 +43,7 @@ class MaskRule:
     halo: int = 1  # halo(k): keys within k tokens along every axis
     guidance_sees_text: bool = True
     detail_sees_text: bool = True
+    text_sees_detail: bool = False  # plain FLUX's text -> image attention
 
     def __post_init__(self):
         if self.scope not in SCOPES:
@@ -56,6 +61,7 @@ class MaskRule:
             [
                 ", guidance_sees_text" if self.guidance_sees_text else "",
                 ", detail_sees_text" if self.detail_sees_text else "",
+                ", text_sees_detail" if self.text_sees_detail else "",
             ]
         )
         return f"guidance {scope}, neighbours {neigh}{text}"
@@ -128,6 +134,13 @@ def text_sees_text_and_guidance(q: Tokens, k: Tokens):
         return (q.seg[qi] == TEXT) & ((k.seg[ki] == TEXT) | (k.seg[ki] == GUIDANCE))
 
     return _named(mod, "text_sees_text_and_guidance")
+
+
+def text_sees_detail(q: Tokens, k: Tokens):
+    def mod(b, h, qi, ki):
+        return (q.seg[qi] == TEXT) & (k.seg[ki] == DETAIL)
+
+    return _named(mod, "text_sees_detail")
 
 
 def guidance_sees_guidance(q: Tokens, k: Tokens):
@@ -214,6 +227,8 @@ def compose(rule: MaskRule, q: Tokens, k: Tokens):
         allow.append(guidance_sees_text(q, k))
     if rule.detail_sees_text:
         allow.append(detail_sees_text(q, k))
+    if rule.text_sees_detail:
+        allow.append(text_sees_detail(q, k))
     if rule.scope == "all":
         allow.append(guidance_scope_all(q, k))
     else:
@@ -244,7 +259,8 @@ class Fused:
 def fused_tables(rule: MaskRule, layout: Layout, q: Tokens, k: Tokens) -> Fused:
     def sees(seg):
         bits = torch.zeros_like(seg)
-        bits = torch.where(seg == TEXT, (1 << TEXT) | (1 << GUIDANCE), bits)
+        t = (1 << TEXT) | (1 << GUIDANCE) | ((1 << DETAIL) if rule.text_sees_detail else 0)
+        bits = torch.where(seg == TEXT, t, bits)
         g = (1 << GUIDANCE) | ((1 << TEXT) if rule.guidance_sees_text else 0)
         bits = torch.where(seg == GUIDANCE, g, bits)
         d = ((1 << TEXT) if rule.detail_sees_text else 0) | (

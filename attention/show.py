@@ -53,6 +53,7 @@ def parse_args(argv=None):
     r.add_argument("--halo", type=int, help="halo(k) radius in tokens")
     r.add_argument("--guidance-sees-text", choices=["yes", "no"])
     r.add_argument("--detail-sees-text", choices=["yes", "no"])
+    r.add_argument("--text-sees-detail", choices=["yes", "no"], help="plain FLUX's text rows")
     r.add_argument("--shifted", action="store_true", help="show an odd (shifted) layer")
     p.add_argument("--heads", type=int, help="heads, for FLOPs (preset value or 24)")
     p.add_argument("--head-dim", type=int, help="head dimension, for FLOPs (default 128)")
@@ -111,6 +112,7 @@ def resolve(args):
             halo=args.halo,
             guidance_sees_text=yes.get(args.guidance_sees_text),
             detail_sees_text=yes.get(args.detail_sees_text),
+            text_sees_detail=yes.get(args.text_sees_detail),
         ).items()
         if v is not None
     }

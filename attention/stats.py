@@ -27,6 +27,7 @@ def allowed_pairs(layout: Layout, rule: MaskRule, shifted: bool = False) -> int:
     total = nt * (nt + ng)  # text queries
     total += ng * (ng + (nt if rule.guidance_sees_text else 0))  # guidance queries
     total += nd * nt if rule.detail_sees_text else 0
+    total += nt * nd if rule.text_sees_detail else 0
     axes = list(zip(layout.grid, layout.window, layout.shift))
     if ng:
         if rule.scope == "all":

@@ -238,8 +238,38 @@ class Modulation(nn.Module):
         return first, (ModulationOut(*out[3:]) if self.multiplier == 6 else None)
 
 
-def modulate(x, norm: nn.Module, mod: ModulationOut):
-    return (1 + mod.scale) * norm(x) + mod.shift
+# A stream's tokens may fall in segments with different modulation vectors (UltraGen's
+# `clean` guidance keeps its own timestep): `mods` is [(stop, ModulationOut), ...], the
+# segments in order, the last stop the stream's length. One segment is plain FLUX.
+
+
+def modulate(x, norm: nn.Module, mods):
+    """(1 + scale) · norm(x) + shift, per segment."""
+    h = norm(x)
+    if len(mods) == 1:
+        return (1 + mods[0][1].scale) * h + mods[0][1].shift
+    return torch.cat(
+        [(1 + m.scale) * h[:, a:b] + m.shift for a, (b, m) in zip(_starts(mods), mods)], dim=1
+    )
+
+
+def gated(x, f, mods):
+    """x + gate · f, per segment."""
+    if len(mods) == 1:
+        return x + mods[0][1].gate * f
+    return x + torch.cat([m.gate * f[:, a:b] for a, (b, m) in zip(_starts(mods), mods)], dim=1)
+
+
+def _starts(mods):
+    return [0] + [stop for stop, _ in mods[:-1]]
+
+
+def _firsts(mods):
+    return [(stop, pair[0]) for stop, pair in mods]
+
+
+def _seconds(mods):
+    return [(stop, pair[1]) for stop, pair in mods]
 
 
 def _layer_norm(dim: int) -> nn.LayerNorm:
@@ -267,9 +297,12 @@ class DoubleStreamBlock(nn.Module):
         self.txt_norm2 = _layer_norm(dim)
         self.txt_mlp = _mlp(dim, mlp_hidden)
 
-    def forward(self, img, txt, vec, pe, plan=None):
-        img_mod1, img_mod2 = self.img_mod(vec)
-        txt_mod1, txt_mod2 = self.txt_mod(vec)
+    def forward(self, img, txt, img_vecs, txt_vecs, pe, plan=None):
+        """img_vecs / txt_vecs: [(stop, vec (B, dim)), ...] per stream (see modulate)."""
+        img_mods = [(stop, self.img_mod(v)) for stop, v in img_vecs]
+        txt_mods = [(stop, self.txt_mod(v)) for stop, v in txt_vecs]
+        img_mod1, img_mod2 = _firsts(img_mods), _seconds(img_mods)
+        txt_mod1, txt_mod2 = _firsts(txt_mods), _seconds(txt_mods)
         img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, self.img_norm1, img_mod1))
         txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, self.txt_norm1, txt_mod1))
         q = torch.cat([txt_q, img_q], dim=2)  # (B, H, L_txt + L_img, D)
@@ -278,10 +311,10 @@ class DoubleStreamBlock(nn.Module):
         attn = attention(q, k, v, pe, plan)  # (B, L, dim)
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
-        img = img + img_mod1.gate * self.img_attn.proj(img_attn)
-        img = img + img_mod2.gate * self.img_mlp(modulate(img, self.img_norm2, img_mod2))
-        txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_attn)
-        txt = txt + txt_mod2.gate * self.txt_mlp(modulate(txt, self.txt_norm2, txt_mod2))
+        img = gated(img, self.img_attn.proj(img_attn), img_mod1)
+        img = gated(img, self.img_mlp(modulate(img, self.img_norm2, img_mod2)), img_mod2)
+        txt = gated(txt, self.txt_attn.proj(txt_attn), txt_mod1)
+        txt = gated(txt, self.txt_mlp(modulate(txt, self.txt_norm2, txt_mod2)), txt_mod2)
         return img, txt
 
 
@@ -300,15 +333,15 @@ class SingleStreamBlock(nn.Module):
         self.mlp_act = nn.GELU(approximate="tanh")
         self.modulation = Modulation(dim, double=False)
 
-    def forward(self, x, vec, pe, plan=None):
-        mod, _ = self.modulation(vec)
-        qkv, mlp = self.linear1(modulate(x, self.pre_norm, mod)).split(
+    def forward(self, x, vecs, pe, plan=None):
+        mods = [(stop, self.modulation(v)[0]) for stop, v in vecs]
+        qkv, mlp = self.linear1(modulate(x, self.pre_norm, mods)).split(
             [x.shape[-1] * 3, self.mlp_hidden], dim=-1
         )
         q, k, v = split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k, v)
         attn = attention(q, k, v, pe, plan)  # (B, L, dim)
-        return x + mod.gate * self.linear2(torch.cat([attn, self.mlp_act(mlp)], dim=-1))
+        return gated(x, self.linear2(torch.cat([attn, self.mlp_act(mlp)], dim=-1)), mods)
 
 
 class LastLayer(nn.Module):
@@ -318,9 +351,12 @@ class LastLayer(nn.Module):
         self.linear = nn.Linear(dim, out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
-    def forward(self, x, vec):
-        shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)  # (B, 1, dim)
-        return self.linear((1 + scale) * self.norm_final(x) + shift)
+    def forward(self, x, vecs):
+        mods = []
+        for stop, vec in vecs:
+            shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)  # (B, 1, dim)
+            mods.append((stop, ModulationOut(shift, scale, None)))
+        return self.linear(modulate(x, self.norm_final, mods))
 
 
 # ---------------------------------------------------------------------------------------
@@ -353,7 +389,7 @@ class Flux(nn.Module):
 
     def forward(
         self,
-        img: torch.Tensor,  # (B, L_img, in_channels) packed latent
+        img: torch.Tensor,  # (B, L_img, in_channels) packed latent: [guidance | detail]
         img_ids: torch.Tensor,  # (B, L_img, 3) float positions
         txt: torch.Tensor,  # (B, L_txt, context_in_dim) T5 states
         txt_ids: torch.Tensor,  # (B, L_txt, 3), zeros for FLUX
@@ -362,31 +398,66 @@ class Flux(nn.Module):
         guidance: torch.Tensor | None = None,  # (B,) dev only
         plan=None,  # attention.Plan for [txt | img] in layout order; None: dense
         ntk_factor: float | None = None,  # None: config.ntk_factor
+        n_guidance: int = 0,  # the first n_guidance image tokens are UltraGen guidance
+        guidance_timesteps: torch.Tensor | None = None,  # (B,) `clean` mode: their own t
     ) -> torch.Tensor:
+        """The velocity of every image token: (B, L_img, out_channels).
+
+        With n_guidance > 0, the image stream starts with low-resolution guidance tokens:
+        routed LoRAs (models/lora.py) act on those alone, and with guidance_timesteps they
+        are modulated by their own timestep (UltraGen's `clean` mode; `renoise` passes
+        none: the guidance latent is noised to the current t like the detail)."""
         c = self.config
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError(f"img and txt must be (B, L, C), got {img.shape}, {txt.shape}")
-        dtype = img.dtype
-        vec = self.time_in(timestep_embedding(timesteps.to(dtype)).to(dtype))
-        if c.guidance_embed:
-            if guidance is None:
-                raise ValueError("this FLUX model is guidance-distilled (dev): pass guidance")
-            vec = vec + self.guidance_in(timestep_embedding(guidance.to(dtype)).to(dtype))
-        vec = vec + self.vector_in(y)  # (B, dim)
+        if not 0 <= n_guidance <= img.shape[1]:
+            raise ValueError(f"n_guidance {n_guidance} outside 0..{img.shape[1]}")
+        if c.guidance_embed and guidance is None:
+            raise ValueError("this FLUX model is guidance-distilled (dev): pass guidance")
+        n_txt, n_img = txt.shape[1], img.shape[1]
+        vec = self.vector(timesteps, y, guidance, img.dtype)  # (B, dim)
+        if guidance_timesteps is None or n_guidance == 0:
+            img_vecs = [(n_img, vec)]
+            all_vecs = [(n_txt + n_img, vec)]
+        else:
+            vec_g = self.vector(guidance_timesteps, y, guidance, img.dtype)
+            img_vecs = [(n_guidance, vec_g), (n_img, vec)]
+            all_vecs = [(n_txt, vec), (n_txt + n_guidance, vec_g), (n_txt + n_img, vec)]
+        self.route_lora(n_txt, n_guidance)
         img, txt = self.img_in(img), self.txt_in(txt)
 
         ids = torch.cat([txt_ids, img_ids], dim=1)  # (B, L, 3)
         ntk = c.ntk_factor if ntk_factor is None else ntk_factor
-        pe = rope_tables(ids, c.axes_dim, c.theta, ntk, torch.promote_types(dtype, torch.float32))
+        table_dtype = torch.promote_types(img.dtype, torch.float32)
+        pe = rope_tables(ids, c.axes_dim, c.theta, ntk, table_dtype)
         layer = 0
         for block in self.double_blocks:
-            img, txt = block(img, txt, vec, pe, _for_layer(plan, layer))
+            img, txt = block(img, txt, img_vecs, [(n_txt, vec)], pe, _for_layer(plan, layer))
             layer += 1
         x = torch.cat([txt, img], dim=1)  # (B, L_txt + L_img, dim)
         for block in self.single_blocks:
-            x = block(x, vec, pe, _for_layer(plan, layer))
+            x = block(x, all_vecs, pe, _for_layer(plan, layer))
             layer += 1
-        return self.final_layer(x[:, txt.shape[1] :], vec)  # (B, L_img, out_channels)
+        return self.final_layer(x[:, n_txt:], img_vecs)  # (B, L_img, out_channels)
+
+    def vector(self, timesteps, y, guidance, dtype) -> torch.Tensor:
+        """The modulation vector: time_in(t) + guidance_in(g) + vector_in(y): (B, dim)."""
+        vec = self.time_in(timestep_embedding(timesteps.to(dtype)).to(dtype))
+        if self.config.guidance_embed:
+            vec = vec + self.guidance_in(timestep_embedding(guidance.to(dtype)).to(dtype))
+        return vec + self.vector_in(y)
+
+    def route_lora(self, n_txt: int, n_guidance: int):
+        """Points routed LoRAs (models/lora.py) at the guidance tokens: the first
+        n_guidance tokens of the double blocks' image stream, and the same tokens after
+        the text in the single blocks' joint stream."""
+        for blocks, route in [
+            (self.double_blocks, (0, n_guidance)),
+            (self.single_blocks, (n_txt, n_txt + n_guidance)),
+        ]:
+            for m in blocks.modules():
+                if getattr(m, "routed", False):
+                    m.route = route
 
 
 def _for_layer(plan, i: int):
@@ -429,3 +500,44 @@ def image_ids(h: int, w: int, batch: int = 1, device=None) -> torch.Tensor:
 
 def text_ids(length: int, batch: int = 1, device=None) -> torch.Tensor:
     return torch.zeros(batch, length, 3, device=device)
+
+
+# ---------------------------------------------------------------------------------------
+# UltraGen's joint sequence: [text | guidance | detail], image tokens in layout order
+# ---------------------------------------------------------------------------------------
+
+
+def _image_perm(layout) -> torch.Tensor:
+    """Layout position (after the text) -> position in cat(guidance raster, detail raster)."""
+    return layout.perm[layout.n_text :] - layout.n_text
+
+
+def to_layout(layout, detail: torch.Tensor, guidance: torch.Tensor | None = None):
+    """Packed tokens in raster order -> the image stream in layout order.
+
+    detail (B, H·W, C) on layout.grid; guidance (B, Hg·Wg, C) on layout.guidance_grid
+    -> (B, Lg + H·W, C): guidance windows, then detail windows, each window-first."""
+    x = detail if guidance is None else torch.cat([guidance, detail], dim=1)
+    if x.shape[1] != layout.n - layout.n_text:
+        raise ValueError(
+            f"layout holds {layout.n_guidance} guidance + {layout.n_detail} detail tokens, "
+            f"got {0 if guidance is None else guidance.shape[1]} + {detail.shape[1]}"
+        )
+    return x.index_select(1, _image_perm(layout).to(x.device))
+
+
+def from_layout(layout, img: torch.Tensor):
+    """Inverse of to_layout: (B, Lg + Ld, C) -> (detail raster, guidance raster or None)."""
+    x = torch.empty_like(img)
+    x[:, _image_perm(layout).to(img.device)] = img
+    n_g = layout.n_guidance
+    return x[:, n_g:], (x[:, :n_g] if n_g else None)
+
+
+def layout_ids(layout, batch: int = 1, device=None):
+    """RoPE ids of the joint sequence: (txt_ids (B, L_txt, 3), img_ids (B, L_img, 3)).
+    Image ids are the layout's float positions on the detail grid; guidance tokens sit at
+    their scaled positions (layout.ratio, + (r - 1) / 2 with layout.centre)."""
+    pos = layout.positions().to(device=device, dtype=torch.float32)  # (n, 3)
+    txt_ids, img_ids = pos[: layout.n_text], pos[layout.n_text :]
+    return txt_ids.expand(batch, -1, -1), img_ids.expand(batch, -1, -1)

@@ -25,6 +25,7 @@ def raster_mask(
     halo=1,
     guidance_sees_text=True,
     detail_sees_text=True,
+    text_sees_detail=False,
     shifted=False,
 ):
     """True where the query (row) may attend to the key (column).
@@ -68,6 +69,8 @@ def raster_mask(
         m |= qG & kT
     if detail_sees_text:
         m |= qD & kT
+    if text_sees_detail:
+        m |= qT & kD
     if scope == "all":
         m |= qD & kG
     else:

@@ -42,6 +42,7 @@ def rules(draw):
         halo=draw(st.integers(0, 2)) if neighbours == "halo" else 1,
         guidance_sees_text=draw(st.booleans()),
         detail_sees_text=draw(st.booleans()),
+        text_sees_detail=draw(st.booleans()),
     )
 
 

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from attention import IMAGE_RULE, Layout, Plan, attend
+from attention import IMAGE_RULE, Layout, MaskRule, Plan, attend
 from attention.dispatch import flex_parts
 from tests.strategies import plans
 
@@ -36,12 +36,22 @@ def test_flex_equals_reference(plan, shape, packed, seed):
 @settings(max_examples=30)
 def test_chunked_equals_unchunked(plan, shape, packed, max_q, seed):
     layout, rule, shifted = plan
+    assume(not (rule.text_sees_detail and layout.n_text))  # runs unchunked only (see below)
     max_q = max(max_q, int(layout.detail_windows.volume.max()))
     q, k, v = qkv(*shape, layout.n, seed)
     whole = attend(q, k, v, Plan(layout, rule, shifted=shifted, packed=packed))
     chunked_plan = Plan(layout, rule, shifted=shifted, chunk_tokens=max_q, packed=packed)
     chunked = attend(q, k, v, chunked_plan)
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)  # fp32, sums reordered
+
+
+def test_text_sees_detail_is_not_chunked():
+    """Text rows that see every key cannot be split by windows: a clear error."""
+    lay = Layout(grid=(40, 40), window=(8, 8), text=5, ratio=2)
+    rule = MaskRule(text_sees_detail=True)
+    q = torch.randn(1, 1, lay.n, 8)
+    with pytest.raises(ValueError, match="text_sees_detail needs every key in one call"):
+        attend(q, q, q, Plan(lay, rule, chunk_tokens=64))
 
 
 def test_chunking_kicks_in_at_the_index_budget():

@@ -29,7 +29,7 @@ BLOCKS = st.sampled_from([(128, 128), (128, 64), (32, 16), (16, 32), (8, 8)])
 def packed_plans(draw, max_tokens=420):
     """(layout, rule, block, max_q): rules without shifted windows, which do not pack."""
     layout = draw(layouts(max_tokens=max_tokens))
-    rule = draw(rules().filter(lambda r: r.neighbours != "shift"))
+    rule = draw(rules().filter(lambda r: r.neighbours != "shift" and not r.text_sees_detail))
     block = draw(BLOCKS)
     max_q = draw(st.sampled_from([None, 1, 40, 200]))
     if max_q is not None:  # a chunk holds at least one window
@@ -164,6 +164,10 @@ def test_packed_needs_unshifted_windows():
         Plan(lay, MaskRule(neighbours="shift"), packed=True)
     assert not Plan(lay, MaskRule(neighbours="shift")).is_packed
     assert Plan(lay, VIDEO_RULE).is_packed and not Plan(lay, IMAGE_RULE, packed=False).is_packed
+    plain = MaskRule(text_sees_detail=True)
+    assert not Plan(lay, plain).is_packed
+    with pytest.raises(ValueError, match="packed=True cannot run text_sees_detail"):
+        Plan(lay, plain, packed=True)
 
 
 @pytest.mark.parametrize(
