@@ -13,6 +13,7 @@ Names follow black-forest-labs/flux (src/flux/model.py, modules/layers.py); a BF
 loads with no renaming. diffusers' names pass through models/keymaps.py.
 """
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -141,13 +142,60 @@ def rope_tables(ids, axes_dim, theta, ntk_factor=1.0, dtype=torch.float32):
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, pe) -> torch.Tensor:
+# ---------------------------------------------------------------------------------------
+# elementwise work, fused on the GPU
+# ---------------------------------------------------------------------------------------
+
+# Norms, RoPE, modulation and gates each read and write the whole stream several times
+# when run op by op; on CUDA they run as one compiled kernel each (the same arithmetic:
+# fp32 inside, one rounding to the stream's dtype at the end). The CPU runs them eagerly.
+FUSE_ON_GPU = True
+
+
+def fused_on_gpu(fn):
+    compiled = None
+
+    @functools.wraps(fn)
+    def run(x, *args):
+        nonlocal compiled
+        if not (FUSE_ON_GPU and x.is_cuda):
+            return fn(x, *args)
+        if compiled is None:
+            compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+        return compiled(x, *args)
+
+    return run
+
+
+@fused_on_gpu
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x[2j], x[2j+1]) of (B, H, L, D) by the angles, in the
     tables' dtype (fp32 for bf16 / fp32 models)."""
-    cos, sin = pe
     x0, x1 = x.to(cos.dtype).unflatten(-1, (-1, 2)).unbind(-1)  # each (B, H, L, D/2)
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
     return out.flatten(-2).type_as(x)
+
+
+def apply_rope(x: torch.Tensor, pe) -> torch.Tensor:
+    return rope(x, *pe)
+
+
+@fused_on_gpu
+def rms_norm(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    rrms = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return (xf * rrms).to(x.dtype) * scale
+
+
+@fused_on_gpu
+def norm_shift_scale(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor):
+    """(1 + scale) · LayerNorm(x) + shift; LayerNorm without affine, eps 1e-6."""
+    return (1 + scale) * F.layer_norm(x, x.shape[-1:], eps=1e-6) + shift
+
+
+@fused_on_gpu
+def add_gated(x: torch.Tensor, gate: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return x + gate * f
 
 
 # ---------------------------------------------------------------------------------------
@@ -173,9 +221,7 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        rrms = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return (xf * rrms).to(x.dtype) * self.scale
+        return rms_norm(x, self.scale)
 
 
 class QKNorm(nn.Module):
@@ -244,10 +290,10 @@ class Modulation(nn.Module):
 
 
 def modulate(x, norm: nn.Module, mods):
-    """(1 + scale) · norm(x) + shift, per segment."""
-    h = norm(x)
+    """(1 + scale) · norm(x) + shift, per segment (norm: LayerNorm, no affine, eps 1e-6)."""
     if len(mods) == 1:
-        return (1 + mods[0][1].scale) * h + mods[0][1].shift
+        return norm_shift_scale(x, mods[0][1].shift, mods[0][1].scale)
+    h = norm(x)
     return torch.cat(
         [(1 + m.scale) * h[:, a:b] + m.shift for a, (b, m) in zip(_starts(mods), mods)], dim=1
     )
@@ -256,7 +302,7 @@ def modulate(x, norm: nn.Module, mods):
 def gated(x, f, mods):
     """x + gate · f, per segment."""
     if len(mods) == 1:
-        return x + mods[0][1].gate * f
+        return add_gated(x, mods[0][1].gate, f)
     return x + torch.cat([m.gate * f[:, a:b] for a, (b, m) in zip(_starts(mods), mods)], dim=1)
 
 

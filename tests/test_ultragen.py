@@ -121,3 +121,46 @@ def test_guidance_positions_are_scaled():
     assert sorted(set(g[:, 1].tolist())) == [1.5, 5.5]  # rows 0, 1 of the coarse grid ×4 + 1.5
     d = img_ids[0, layout.n_guidance :]
     assert sorted(set(d[:, 2].tolist())) == [float(i) for i in range(8)]
+
+
+def test_routed_lora_changes_only_guidance_qkv(model):
+    """The guidance LoRA adds to the q/k/v of guidance tokens only: in every wrapped
+    layer, output - base(input) is zero off the guidance rows and off the q/k/v
+    columns, and nonzero on them."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from models.lora import add_guidance_lora, lora_modules
+
+    m = copy.deepcopy(model)
+    names = add_guidance_lora(m, rank=4, alpha=4)
+    assert len(names) == CONFIG.depth + CONFIG.depth_single_blocks
+    with torch.no_grad():
+        for lora in lora_modules(m).values():
+            lora.lora_B.weight.normal_(0, 0.5)
+    layout = Layout(grid=(8, 8), window=(4, 4), text=5, ratio=2)
+    n_g, n_t, d = layout.n_guidance, layout.n_text, CONFIG.hidden_size
+    deltas = {}
+
+    def hook(name):
+        def fn(mod, args, out):
+            deltas[name] = out - F.linear(args[0], mod.weight, mod.bias)
+
+        return fn
+
+    hooks = [mod.register_forward_hook(hook(n)) for n, mod in lora_modules(m).items()]
+    img = to_layout(layout, tokens(64, 10), tokens(n_g, 11))
+    run(m, layout, img, Plan(layout, IMAGE_RULE, backend="reference"), n_guidance=n_g)
+    for h in hooks:
+        h.remove()
+    assert len(deltas) == len(names)
+    for name, delta in deltas.items():
+        rows = slice(0, n_g) if name.startswith("double") else slice(n_t, n_t + n_g)
+        on = torch.zeros_like(delta, dtype=torch.bool)
+        on[:, rows, : 3 * d] = True
+        assert delta[~on].abs().max() == 0, name  # exactly untouched elsewhere
+        assert (delta[on].abs() > 0).float().mean() > 0.99, name
+    # base keys unchanged: the wrapped model still loads a plain FLUX state dict
+    plain = {k: v for k, v in m.state_dict().items() if "lora_" not in k}
+    assert plain.keys() == model.state_dict().keys()
