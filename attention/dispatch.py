@@ -12,6 +12,7 @@ it on the layout order with the analytic BlockMask of attention/blockmask.py. Bo
 the reference's result; packing only changes how much masked work the kernel does.
 """
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -83,8 +84,13 @@ class Plan:
 
 
 def reference_mask(plan: Plan) -> torch.Tensor:
-    """refimpl's raster-order mask, permuted into layout order: (N, N) bool."""
-    lay, r = plan.layout, plan.rule
+    """refimpl's raster-order mask, permuted into layout order: (N, N) bool; the last
+    few are kept, since a model calls it once per layer."""
+    return _reference_mask(plan.layout, plan.rule, plan.shifted)
+
+
+@functools.lru_cache(maxsize=4)
+def _reference_mask(lay: Layout, r: MaskRule, shifted: bool) -> torch.Tensor:
     ratio = None if lay.ratio is None else (lay.ratio[0], max(lay.ratio[1:]))
     m = refimpl.raster_mask(
         lay.text,
@@ -98,7 +104,7 @@ def reference_mask(plan: Plan) -> torch.Tensor:
         guidance_sees_text=r.guidance_sees_text,
         detail_sees_text=r.detail_sees_text,
         text_sees_detail=r.text_sees_detail,
-        shifted=plan.shifted,
+        shifted=shifted,
     )
     return m[lay.perm][:, lay.perm]
 

@@ -3,6 +3,9 @@
 Rows (impl):
     hier       ours, UltraGen's joint sequence [512 text | guidance (ratio 4) | detail],
                16×16-token windows, IMAGE_RULE (guidance `all`, halo 1), packed flex
+    hier-aligned  the same with guidance scope aligned(1): detail sees the guidance
+               window aligned with its own and those next to it (the paper's "scaled
+               region"), not all guidance
     dense      ours, plain FLUX at the same resolution, dense SDPA
     diffusers  diffusers' FluxTransformer2DModel, dense (its default attention)
     no-attn    the hier step with attention replaced by the identity: the floor set by
@@ -12,7 +15,8 @@ Rows (impl):
     e2e-dense  28 dense 4K steps (ours) and the same tiled decode
 Text encoders are left out of both end-to-end rows (the same ~0.1 s for both).
 
-    python bench/flux_step.py [--sizes 2048,4096,8192] [--parts diffusers,ours,e2e]
+    python bench/flux_step.py [--sizes 2048,4096,8192]
+                              [--parts diffusers,ours,e2e (or e2e-hier, e2e-dense)]
                               [--out bench/results]
 """
 
@@ -29,12 +33,13 @@ import torch.nn.functional as F
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo, not bench/
 
 import models.flux as flux_module  # noqa: E402
-from attention import IMAGE_RULE, Layout, Plan  # noqa: E402
+from attention import IMAGE_RULE, Layout, MaskRule, Plan  # noqa: E402
 from models.autoencoder import PRESETS as AE_PRESETS  # noqa: E402
 from models.autoencoder import AutoEncoder  # noqa: E402
 from models.flux import PRESETS, Flux, image_ids, layout_ids, text_ids, to_layout  # noqa: E402
 
 DEV = "cuda"
+ALIGNED = MaskRule(scope="aligned", margin=1)  # detail sees the aligned guidance window +1
 BF16 = torch.bfloat16
 TEXT = 512
 
@@ -107,14 +112,20 @@ def ours_rows(sizes, repeat):
 def ours_hier(model, size, repeat, g):
     txt, y, t, gd = cond(g)
     layout, img, img_ids, txt_ids = hier_inputs(size, g)
-    plan = Plan(layout, IMAGE_RULE)
-    kw = dict(plan=plan, ntk_factor=10.0, n_guidance=layout.n_guidance)
+    kw = dict(ntk_factor=10.0, n_guidance=layout.n_guidance)
+    rows = []
+    for impl, rule in [("hier", IMAGE_RULE), ("hier-aligned", ALIGNED)]:
+        plan = Plan(layout, rule)
+
+        def step(p=plan):
+            return model(img, img_ids, txt, txt_ids, t, y, gd, plan=p, **kw)
+
+        ms, gib = timed(step, repeat)
+        rows.append(dict(resolution=size, impl=impl, ms=ms, peak_gib=gib, tokens=layout.n))
 
     def hier():
-        return model(img, img_ids, txt, txt_ids, t, y, gd, **kw)
+        return model(img, img_ids, txt, txt_ids, t, y, gd, plan=Plan(layout, IMAGE_RULE), **kw)
 
-    ms, gib = timed(hier, repeat)
-    rows = [dict(resolution=size, impl="hier", ms=ms, peak_gib=gib, tokens=layout.n)]
     real_attend = flux_module.attend
     flux_module.attend = lambda q, k, v, plan=None: q  # attention skipped
     try:
@@ -187,7 +198,7 @@ def sharpen(x, amount=0.5):
     return x + amount * (x - blur)
 
 
-def e2e_rows(steps=28, skip=10):
+def e2e_rows(parts, steps=28, skip=10):
     """4K image at the defaults, and 28 dense 4K steps; both with the tiled AE decode."""
     model = build(lambda: Flux(PRESETS["flux-dev"]))
     ae = build(lambda: AutoEncoder(AE_PRESETS["flux"]))
@@ -238,8 +249,22 @@ def e2e_rows(steps=28, skip=10):
         x = euler(x, lambda x, t: model(x, ids, txt, tids, t, y, gd))
         return decode(x, side)
 
+    # one-off costs of a process (compiling the fused kernels and flex, the packed
+    # plan) are paid before timing, as by a user's first image: warm-up steps at 1K/4K
+    s1, s4 = 1024 // 16, 4096 // 16
+    x1 = torch.randn(1, s1 * s1, 64, device=DEV, generator=g).to(BF16)
+    with torch.no_grad():
+        model(x1, image_ids(s1, s1, 1, DEV), txt, text_ids(TEXT, 1, DEV), one, y, gd)
+        layout = Layout(grid=(s4, s4), window=(16, 16), text=TEXT, ratio=4)
+        ti, ii = layout_ids(layout, 1, DEV)
+        x4 = torch.randn(1, layout.n - TEXT, 64, device=DEV, generator=g).to(BF16)
+        model(x4, ii, txt, ti, one, y, gd, plan=Plan(layout, IMAGE_RULE), ntk_factor=10.0,
+              n_guidance=layout.n_guidance)  # fmt: skip
+        ae.decode_tiled(torch.randn(1, 16, 128, 128, device=DEV, generator=g).to(BF16))
+    del x1, x4
     rows = []
-    for impl, fn in [("e2e-hier", hier_image), ("e2e-dense", dense_image)]:
+    runs = [("e2e-hier", hier_image), ("e2e-dense", dense_image)]
+    for impl, fn in [r for r in runs if r[0] in parts]:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
@@ -269,8 +294,8 @@ def main():
     if "ours" in parts:
         rows += ours_rows(sizes, args.repeat)
         torch.cuda.empty_cache()
-    if "e2e" in parts:
-        rows += e2e_rows()
+    if any(p.startswith("e2e") for p in parts):
+        rows += e2e_rows([p for p in ("e2e-hier", "e2e-dense") if p in parts or "e2e" in parts])
     meta = dict(
         device=torch.cuda.get_device_name(),
         torch=torch.__version__,

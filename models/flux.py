@@ -162,7 +162,9 @@ def fused_on_gpu(fn):
             return fn(x, *args)
         if compiled is None:
             compiled = torch.compile(fn, dynamic=True, fullgraph=True)
-        return compiled(x, *args)
+        # dtypes, strides and batch sizes each get a kernel; past the limit, fail loudly
+        with torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True):
+            return compiled(x, *args)
 
     return run
 
