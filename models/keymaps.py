@@ -198,3 +198,37 @@ def t5_keys(sd: dict) -> dict:
     if "shared.weight" not in out and tied is not None:
         out["shared.weight"] = tied
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# Wan2.1 transformer: diffusers WanTransformer3DModel -> original Wan names
+# ---------------------------------------------------------------------------------------
+
+
+def wan_from_diffusers(sd: dict) -> dict:
+    """diffusers WanTransformer3DModel keys -> original Wan2.1 keys (REFERENCE.md D)."""
+    raise NotImplementedError("Wan transformer key map: not written yet")
+
+
+def is_diffusers_wan(sd: dict) -> bool:
+    return any(k.startswith("condition_embedder.") for k in sd)
+
+
+# ---------------------------------------------------------------------------------------
+# Wan VAE: diffusers AutoencoderKLWan -> original Wan2.1_VAE.pth names
+# ---------------------------------------------------------------------------------------
+
+
+def wan_vae_from_diffusers(sd: dict) -> dict:
+    """diffusers AutoencoderKLWan keys -> original Wan VAE keys (REFERENCE.md E)."""
+    raise NotImplementedError("Wan VAE key map: not written yet")
+
+
+# ---------------------------------------------------------------------------------------
+# umT5 encoder: Wan's original .pth names -> transformers UMT5EncoderModel names
+# ---------------------------------------------------------------------------------------
+
+
+def umt5_from_wan(sd: dict) -> dict:
+    """Wan's models_t5_umt5-xxl-enc-bf16.pth keys -> transformers UMT5 keys (REFERENCE E)."""
+    raise NotImplementedError("umT5 key map: not written yet")
