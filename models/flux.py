@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attention import attend
+from models.lora import set_route
 
 
 @dataclass(frozen=True)
@@ -499,13 +500,7 @@ class Flux(nn.Module):
         """Points routed LoRAs (models/lora.py) at the guidance tokens: the first
         n_guidance tokens of the double blocks' image stream, and the same tokens after
         the text in the single blocks' joint stream."""
-        for blocks, route in [
-            (self.double_blocks, (0, n_guidance)),
-            (self.single_blocks, (n_txt, n_txt + n_guidance)),
-        ]:
-            for m in blocks.modules():
-                if getattr(m, "routed", False):
-                    m.route = route
+        set_route(self, (0, n_guidance), (n_txt, n_txt + n_guidance))
 
 
 def _for_layer(plan, i: int):
