@@ -206,12 +206,44 @@ def t5_keys(sd: dict) -> dict:
 
 
 def wan_from_diffusers(sd: dict) -> dict:
-    """diffusers WanTransformer3DModel keys -> original Wan2.1 keys (REFERENCE.md D)."""
-    raise NotImplementedError("Wan transformer key map: not written yet")
+    """diffusers WanTransformer3DModel keys -> original Wan2.1 keys (REFERENCE.md D).
+
+    Renames only. Two are easy to get wrong: diffusers' `norm2` is the affine LayerNorm
+    before the cross-attention, the original `norm3` (the original norm1 / norm2 have no
+    weights); and `scale_shift_table` is `modulation` in a block but `head.modulation`
+    at the top. Unknown keys (I2V's image embedder, added k / v) pass through unchanged
+    for the strict loader to name.
+    """
+    top = {
+        "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+        "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+        "condition_embedder.time_embedder.linear_1": "time_embedding.0",
+        "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+        "condition_embedder.time_proj": "time_projection.1",
+        "proj_out": "head.head",
+    }
+    block = {"norm2": "norm3", "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2"}
+    for attn, ours in [("attn1", "self_attn"), ("attn2", "cross_attn")]:
+        block.update({f"{attn}.to_{p}": f"{ours}.{p}" for p in "qkv"})
+        block.update({f"{attn}.norm_{p}": f"{ours}.norm_{p}" for p in "qk"})
+        block[f"{attn}.to_out.0"] = f"{ours}.o"
+    out = {}
+    for name, t in sd.items():
+        m = re.match(r"^blocks\.(\d+)\.(.+)$", name)
+        module, leaf = _param(name if m is None else m.group(2))
+        if name == "scale_shift_table":
+            out["head.modulation"] = t
+        elif m is None:
+            out[f"{top[module]}.{leaf}" if module in top else name] = t
+        elif m.group(2) == "scale_shift_table":
+            out[f"blocks.{m.group(1)}.modulation"] = t
+        else:
+            out[f"blocks.{m.group(1)}.{block[module]}.{leaf}" if module in block else name] = t
+    return out
 
 
 def is_diffusers_wan(sd: dict) -> bool:
-    return any(k.startswith("condition_embedder.") for k in sd)
+    return any(k.startswith(("condition_embedder.", "blocks.0.attn1.")) for k in sd)
 
 
 # ---------------------------------------------------------------------------------------
@@ -220,8 +252,49 @@ def is_diffusers_wan(sd: dict) -> bool:
 
 
 def wan_vae_from_diffusers(sd: dict) -> dict:
-    """diffusers AutoencoderKLWan keys -> original Wan VAE keys (REFERENCE.md E)."""
-    raise NotImplementedError("Wan VAE key map: not written yet")
+    """diffusers AutoencoderKLWan keys -> original Wan VAE keys (REFERENCE.md E).
+
+    Both sides hold the same tensors under other names. Wan keeps each resnet as one
+    Sequential `residual` (0 norm, 2 conv, 3 norm, 6 conv) and the encoder's and
+    decoder's blocks as flat lists (`downsamples.N`, `upsamples.N`); diffusers' encoder
+    list is flat too (`down_blocks.N`), its decoder groups by level (`up_blocks.i`: the
+    resnets, then one upsampler), so N = i * per_level + j, with per_level read off the
+    keys. quant_conv / post_quant_conv are Wan's conv1 / conv2."""
+    resnet = {
+        "norm1": "residual.0",
+        "conv1": "residual.2",
+        "norm2": "residual.3",
+        "conv2": "residual.6",
+        "conv_shortcut": "shortcut",
+    }
+    js = {int(m[1]) for k in sd if (m := re.search(r"\.up_blocks\.\d+\.resnets\.(\d+)\.", k))}
+    per_level = len(js) + 1  # num_res_blocks + 1 resnets and an upsampler
+
+    def upsample(i: str, j: int) -> str:
+        return f"decoder.upsamples.{int(i) * per_level + j}."
+
+    out = {}
+    for name, t in sd.items():
+        # inside a resnet first, while its parent still says it is one
+        new = re.sub(
+            r"((?:down_blocks|resnets)\.\d+)\.(norm1|conv1|norm2|conv2|conv_shortcut)\.",
+            lambda m: f"{m[1]}.{resnet[m[2]]}.",
+            name,
+        )
+        new = re.sub(r"^quant_conv\.", "conv1.", new)
+        new = re.sub(r"^post_quant_conv\.", "conv2.", new)
+        new = re.sub(r"^(encoder|decoder)\.conv_in\.", r"\1.conv1.", new)
+        new = re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.head.0.", new)
+        new = re.sub(r"^(encoder|decoder)\.conv_out\.", r"\1.head.2.", new)
+        new = re.sub(r"\.mid_block\.resnets\.0\.", ".middle.0.", new)
+        new = re.sub(r"\.mid_block\.attentions\.0\.", ".middle.1.", new)
+        new = re.sub(r"\.mid_block\.resnets\.1\.", ".middle.2.", new)
+        new = re.sub(r"^encoder\.down_blocks\.", "encoder.downsamples.", new)
+        up = r"^decoder\.up_blocks\.(\d+)\."
+        new = re.sub(up + r"resnets\.(\d+)\.", lambda m: upsample(m[1], int(m[2])), new)
+        new = re.sub(up + r"upsamplers\.0\.", lambda m: upsample(m[1], per_level - 1), new)
+        out[new] = t
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -230,5 +303,33 @@ def wan_vae_from_diffusers(sd: dict) -> dict:
 
 
 def umt5_from_wan(sd: dict) -> dict:
-    """Wan's models_t5_umt5-xxl-enc-bf16.pth keys -> transformers UMT5 keys (REFERENCE E)."""
-    raise NotImplementedError("umT5 key map: not written yet")
+    """Wan's models_t5_umt5-xxl-enc-bf16.pth keys -> transformers UMT5 keys (REFERENCE E).
+
+    Plain renames, 242 keys at full size: the embedding, 10 per block, the final norm.
+    Wan's block (wan/modules/t5.py T5SelfAttention) is norm1, attn.{q,k,v,o}, norm2,
+    ffn = fc2(fc1(x) * gelu(gate.0(x))) and its own pos_embedding (shared_pos=False), so
+    gate.0 is transformers' gelu branch wi_0 and fc1 its linear branch wi_1.
+    """
+    top = {"token_embedding": "shared", "norm": "encoder.final_layer_norm"}
+    block = {
+        "norm1": "layer.0.layer_norm",
+        "attn.q": "layer.0.SelfAttention.q",
+        "attn.k": "layer.0.SelfAttention.k",
+        "attn.v": "layer.0.SelfAttention.v",
+        "attn.o": "layer.0.SelfAttention.o",
+        "pos_embedding.embedding": "layer.0.SelfAttention.relative_attention_bias",
+        "norm2": "layer.1.layer_norm",
+        "ffn.gate.0": "layer.1.DenseReluDense.wi_0",
+        "ffn.fc1": "layer.1.DenseReluDense.wi_1",
+        "ffn.fc2": "layer.1.DenseReluDense.wo",
+    }
+    out = {}
+    for name, t in sd.items():
+        module, leaf = _param(name)
+        m = re.match(r"^blocks\.(\d+)\.(.+)$", module)
+        if module in top:
+            name = f"{top[module]}.{leaf}"
+        elif m is not None and m.group(2) in block:
+            name = f"encoder.block.{m.group(1)}.{block[m.group(2)]}.{leaf}"
+        out[name] = t  # an unknown name passes unchanged, for the strict loader to name
+    return out

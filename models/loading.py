@@ -206,6 +206,8 @@ def dequantize_fp8(sd: dict) -> dict:
 _SIGNATURES = [
     ("flux", "double_blocks.0.img_attn.qkv.weight"),
     ("flux-diffusers", "transformer_blocks.0.attn.add_q_proj.weight"),
+    ("wan-vae", "decoder.head.0.gamma"),  # before flux-ae-*: Wan's VAE shares some names
+    ("wan-vae-diffusers", "decoder.norm_out.gamma"),
     ("flux-ae", "decoder.up.0.block.0.conv1.weight"),
     ("flux-ae-diffusers", "decoder.up_blocks.0.resnets.0.conv1.weight"),
     ("clip", "text_model.encoder.layers.0.self_attn.q_proj.weight"),
@@ -214,8 +216,6 @@ _SIGNATURES = [
     ("t5", "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
     ("wan", "blocks.0.self_attn.q.weight"),
     ("wan-diffusers", "blocks.0.attn1.to_q.weight"),
-    ("wan-vae", "decoder.head.0.gamma"),
-    ("wan-vae-diffusers", "decoder.norm_out.gamma"),
     ("umt5-wan", "blocks.0.attn.q.weight"),
 ]
 
