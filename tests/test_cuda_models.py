@@ -145,3 +145,49 @@ def test_fused_elementwise_equals_eager(tmp_path, monkeypatch):
             rel = ((fused - eager).norm() / eager.norm()).item()
             print(f"fused bf16: relative L2 {rel:.3g}")
             assert rel <= 1e-2
+
+
+@torch.no_grad()
+def test_wan_models(tmp_path, monkeypatch):
+    """Wan transformer (per-token timesteps, fused kernels on and off), Wan VAE (tiled,
+    streamed) and umT5 on the GPU against the CPU, fp32 (relative to the largest value:
+    transformer 1e-4 (fp32 kernels, as for FLUX), VAE and umT5 1e-5)."""
+    import models.flux as flux
+    from models import umt5, wan, wan_vae
+    from models.wan_files import load_umt5, load_wan_transformer, load_wan_vae
+
+    cfg = wan.PRESETS["tiny"]
+    cpu, path = saved(tmp_path, wan.Wan(cfg), "wan.safetensors")
+    gpu = load_wan_transformer(path, config=cfg, device="cuda", dtype=torch.float32)
+    assert on_cuda(gpu)
+    g = torch.Generator().manual_seed(6)
+    latent = torch.randn(2, 16, 3, 4, 6, generator=g)
+    context = torch.randn(2, 5, cfg.text_dim, generator=g)
+    t = torch.tensor([250.0, 900.0])
+    ref = cpu(latent, t, context)
+    for fuse in (True, False):
+        monkeypatch.setattr(flux, "FUSE_ON_GPU", fuse)
+        out = gpu(latent.cuda(), t.cuda(), context.cuda())
+        assert_close(out, ref, f"wan fused={fuse}", 1e-4)
+    tokens, grid = wan.patchify(latent, cfg.patch_size)
+    per_token = torch.where(torch.arange(tokens.shape[1]) < 6, 0.0, 900.0).expand(2, -1)
+    ids = wan.video_ids(*grid, batch=2)
+    ref = cpu(tokens, per_token, context, ids)
+    out = gpu(tokens.cuda(), per_token.cuda(), context.cuda(), ids.cuda())
+    assert_close(out, ref, "wan per-token t", 1e-4)
+
+    vcfg = wan_vae.PRESETS["tiny"]
+    cpu, path = saved(tmp_path, wan_vae.WanVAE(vcfg), "vae.safetensors")
+    gpu = load_wan_vae(path, config=vcfg, device="cuda", dtype=torch.float32)
+    z = torch.randn(1, 16, 2, 10, 12, generator=g) * 0.1
+    tiled = gpu.decode_tiled(z.cuda(), tile=6, overlap=2)
+    assert_close(tiled, cpu.decode_tiled(z, tile=6, overlap=2), "wan vae decode_tiled")
+    video = torch.rand(1, 3, 5, 32, 48, generator=g) * 2 - 1
+    assert_close(gpu.encode(video.cuda()), cpu.encode(video), "wan vae encode")
+
+    ucfg = umt5.PRESETS["tiny"]
+    cpu, path = saved(tmp_path, umt5.UMT5Encoder(ucfg), "umt5.safetensors")
+    gpu = load_umt5(path, config=ucfg, device="cuda", dtype=torch.float32)
+    ids = torch.randint(0, ucfg.vocab_size, (2, 24), generator=g)
+    mask = (torch.arange(24) < torch.tensor([[24], [9]])).long()
+    assert_close(gpu(ids.cuda(), mask.cuda()), cpu(ids, mask), "umt5")
