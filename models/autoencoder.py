@@ -233,7 +233,7 @@ class Decoder(nn.Module):
 # ---------------------------------------------------------------------------------------
 
 
-def _tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     """Starts of the fewest tiles of size `tile` that cover [0, length) with neighbours
     overlapping by at least `overlap`, spread evenly (so the overlaps are about equal).
     One tile (of size `length`) when the length fits in one."""
@@ -243,7 +243,7 @@ def _tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     return [round(i * (length - tile) / (n - 1)) for i in range(n)]
 
 
-def _blend_weights(starts: list[int], size: int, length: int) -> list[Tensor]:
+def blend_weights(starts: list[int], size: int, length: int) -> list[Tensor]:
     """1-D weight of each tile over its `size` positions: a linear ramp across the part it
     shares with the previous and with the next tile, 1 elsewhere; then divided by the sum
     over tiles, so at every position of [0, length) the weights add up to exactly 1."""
@@ -262,7 +262,7 @@ def _blend_weights(starts: list[int], size: int, length: int) -> list[Tensor]:
     return [w / total[s : s + size] for s, w in zip(starts, weights)]
 
 
-def _check_tiling(tile: int, overlap: int) -> None:
+def check_tiling(tile: int, overlap: int) -> None:
     if not (isinstance(tile, int) and isinstance(overlap, int)):
         raise ValueError(f"tile and overlap must be ints, got tile={tile!r}, overlap={overlap!r}")
     if tile < 1 or overlap < 0 or overlap >= tile:
@@ -310,7 +310,7 @@ class AutoEncoder(nn.Module):
     def encode_tiled(self, x: Tensor, tile: int = 64, overlap: int = 16) -> Tensor:
         """`encode` one tile at a time. `tile` and `overlap` are in latent pixels (64 latent
         = 512 image pixels). Equal to `encode` when the image fits in one tile."""
-        _check_tiling(tile, overlap)
+        check_tiling(tile, overlap)
         self._check(x, self.config.in_channels, "image", self.factor)
         f = self.factor
         return self._tiled(self.encode, x, tile, overlap, scale_in=f, scale_out=1)
@@ -319,7 +319,7 @@ class AutoEncoder(nn.Module):
         """`decode` one tile at a time. `tile` and `overlap` are in latent pixels. Equal to
         `decode` when the latent fits in one tile. Call it under torch.no_grad() (or
         inference_mode) to keep memory that of one tile."""
-        _check_tiling(tile, overlap)
+        check_tiling(tile, overlap)
         self._check(z, self.config.z_channels, "latent")
         f = self.factor
         return self._tiled(self.decode, z, tile, overlap, scale_in=1, scale_out=f)
@@ -331,10 +331,10 @@ class AutoEncoder(nn.Module):
         latent size, an output tile `scale_out` times. The sum is kept in float32."""
         h, w = x.shape[2] // scale_in, x.shape[3] // scale_in  # latent size
         th, tw = min(tile, h), min(tile, w)  # latent tile size
-        ys, xs = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
+        ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
         so = scale_out
-        wys = _blend_weights([y * so for y in ys], th * so, h * so)
-        wxs = _blend_weights([x_ * so for x_ in xs], tw * so, w * so)
+        wys = blend_weights([y * so for y in ys], th * so, h * so)
+        wxs = blend_weights([x_ * so for x_ in xs], tw * so, w * so)
         out = None
         for y, wy in zip(ys, wys):
             for x0, wx in zip(xs, wxs):

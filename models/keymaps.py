@@ -15,7 +15,7 @@ import torch
 # ---------------------------------------------------------------------------------------
 
 # plain renames: diffusers name -> BFL name, with N the block index
-_FLUX_TOP = {
+FLUX_TOP = {
     "x_embedder": "img_in",
     "context_embedder": "txt_in",
     "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
@@ -26,7 +26,7 @@ _FLUX_TOP = {
     "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
     "proj_out": "final_layer.linear",
 }
-_FLUX_DOUBLE = {
+FLUX_DOUBLE = {
     "norm1.linear": "img_mod.lin",
     "norm1_context.linear": "txt_mod.lin",
     "attn.norm_q": "img_attn.norm.query_norm",
@@ -40,19 +40,19 @@ _FLUX_DOUBLE = {
     "ff_context.net.0.proj": "txt_mlp.0",
     "ff_context.net.2": "txt_mlp.2",
 }
-_FLUX_SINGLE = {
+FLUX_SINGLE = {
     "attn.norm_q": "norm.query_norm",
     "attn.norm_k": "norm.key_norm",
     "proj_out": "linear2",
     "norm.linear": "modulation.lin",
 }
 # fused BFL weights: BFL name -> the diffusers parts concatenated along dim 0, in order
-_FLUX_DOUBLE_FUSED = {
+FLUX_DOUBLE_FUSED = {
     "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
     "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
 }
-_FLUX_SINGLE_FUSED = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
-_FLUX_BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
+FLUX_SINGLE_FUSED = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
+FLUX_BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
 
 
 def _param(name: str) -> tuple[str, str]:
@@ -78,23 +78,23 @@ def flux_from_diffusers(sd: dict) -> dict:
     out, parts = {}, {}
     for name, t in sd.items():
         module, leaf = _param(name)
-        m = _FLUX_BLOCK.match(module)
+        m = FLUX_BLOCK.match(module)
         if module == "norm_out.linear":
             scale, shift = t.chunk(2, dim=0)
             out[f"final_layer.adaLN_modulation.1.{leaf}"] = torch.cat([shift, scale], dim=0)
-        elif module in _FLUX_TOP:
-            out[f"{_FLUX_TOP[module]}.{leaf}"] = t
+        elif module in FLUX_TOP:
+            out[f"{FLUX_TOP[module]}.{leaf}"] = t
         elif m is not None:
             kind, n, sub = m.groups()
             prefix = "double_blocks" if kind == "transformer_blocks" else "single_blocks"
-            renames = _FLUX_DOUBLE if prefix == "double_blocks" else _FLUX_SINGLE
+            renames = FLUX_DOUBLE if prefix == "double_blocks" else FLUX_SINGLE
             if sub in renames:
                 out[_leaf_bfl(f"{prefix}.{n}.{renames[sub]}", leaf)] = t
             else:  # a part of a fused weight; an unknown name passes through unchanged
                 parts[(prefix, n, sub, leaf)] = t
         else:
             out[name] = t  # unknown: left for the strict loader to name
-    fused_by_prefix = {"double_blocks": _FLUX_DOUBLE_FUSED, "single_blocks": _FLUX_SINGLE_FUSED}
+    fused_by_prefix = {"double_blocks": FLUX_DOUBLE_FUSED, "single_blocks": FLUX_SINGLE_FUSED}
     done = set()
     for prefix, n, _, leaf in sorted(parts):
         for target, pieces in fused_by_prefix[prefix].items():

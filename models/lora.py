@@ -34,12 +34,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from models.keymaps import (
-    _FLUX_BLOCK,
-    _FLUX_DOUBLE,
-    _FLUX_DOUBLE_FUSED,
-    _FLUX_SINGLE,
-    _FLUX_SINGLE_FUSED,
-    _FLUX_TOP,
+    FLUX_BLOCK,
+    FLUX_DOUBLE,
+    FLUX_DOUBLE_FUSED,
+    FLUX_SINGLE,
+    FLUX_SINGLE_FUSED,
+    FLUX_TOP,
 )
 from models.loading import read_checkpoint
 
@@ -233,8 +233,8 @@ _BFL_BLOCK = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.(.+)$")
 
 def _block_tables(prefix: str):
     if prefix == "double_blocks":
-        return "transformer_blocks", _FLUX_DOUBLE, _FLUX_DOUBLE_FUSED
-    return "single_transformer_blocks", _FLUX_SINGLE, _FLUX_SINGLE_FUSED
+        return "transformer_blocks", FLUX_DOUBLE, FLUX_DOUBLE_FUSED
+    return "single_transformer_blocks", FLUX_SINGLE, FLUX_SINGLE_FUSED
 
 
 def _swap_halves(t: torch.Tensor) -> torch.Tensor:
@@ -248,9 +248,9 @@ def _from_diffusers(module: str) -> tuple[str, int | None]:
     Unknown: KeyError."""
     if module == "norm_out.linear":
         return _FINAL_MOD, None
-    if module in _FLUX_TOP:
-        return _FLUX_TOP[module], None
-    m = _FLUX_BLOCK.match(module)
+    if module in FLUX_TOP:
+        return FLUX_TOP[module], None
+    m = FLUX_BLOCK.match(module)
     if m is None:
         raise KeyError(module)
     kind, n, sub = m.groups()
@@ -267,7 +267,7 @@ def _from_diffusers(module: str) -> tuple[str, int | None]:
 def _to_diffusers(name: str, out_features: int, in_features: int) -> list[tuple[str, int, int]]:
     """BFL module -> its diffusers projections with their row spans, in row order. The
     parts of a fused weight have `in_features` (hidden) rows each, the last the rest."""
-    top = {bfl: d for d, bfl in _FLUX_TOP.items()} | {_FINAL_MOD: "norm_out.linear"}
+    top = {bfl: d for d, bfl in FLUX_TOP.items()} | {_FINAL_MOD: "norm_out.linear"}
     if name in top:
         return [(top[name], 0, out_features)]
     m = _BFL_BLOCK.match(name)
@@ -294,10 +294,10 @@ def _underscored(names) -> dict[str, str]:
     return {s.replace(".", "_"): s for s in names}
 
 
-_KOHYA_TOP = _underscored([*_FLUX_TOP.values(), _FINAL_MOD])
+_KOHYA_TOP = _underscored([*FLUX_TOP.values(), _FINAL_MOD])
 _KOHYA_BLOCK = {
-    "double_blocks": _underscored([*_FLUX_DOUBLE.values(), *_FLUX_DOUBLE_FUSED]),
-    "single_blocks": _underscored([*_FLUX_SINGLE.values(), *_FLUX_SINGLE_FUSED]),
+    "double_blocks": _underscored([*FLUX_DOUBLE.values(), *FLUX_DOUBLE_FUSED]),
+    "single_blocks": _underscored([*FLUX_SINGLE.values(), *FLUX_SINGLE_FUSED]),
 }
 
 

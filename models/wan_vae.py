@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.autoencoder import _blend_weights, _check_tiling, _tile_starts
+from models.autoencoder import blend_weights, check_tiling, tile_starts
 
 
 @dataclass
@@ -452,7 +452,7 @@ class WanVAE(nn.Module):
         self._check_latent(z)
         if tile is None:
             return self._stream(z, cache_device)
-        _check_tiling(tile, overlap)
+        check_tiling(tile, overlap)
         return self._stream_tiled(z, tile, overlap, cache_device)
 
     def _stream(self, z: Tensor, cache_device) -> Iterator[Tensor]:
@@ -486,9 +486,9 @@ def _tiles(h: int, w: int, tile: int, overlap: int, f: int) -> list[tuple[slice,
     weight of each output pixel (th * f, tw * f)). The weights are the linear-ramp blend
     of models/autoencoder.py and add up to 1 at every output pixel."""
     th, tw = min(tile, h), min(tile, w)
-    ys, xs = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
-    wys = _blend_weights([y * f for y in ys], th * f, h * f)
-    wxs = _blend_weights([x * f for x in xs], tw * f, w * f)
+    ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
+    wys = blend_weights([y * f for y in ys], th * f, h * f)
+    wxs = blend_weights([x * f for x in xs], tw * f, w * f)
     return [
         (slice(y, y + th), slice(x, x + tw), wy[:, None] * wx[None, :])
         for y, wy in zip(ys, wys)
