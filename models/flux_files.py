@@ -202,6 +202,7 @@ def load_flux(
     dtype: torch.dtype | None = None,
     parts=("transformer", "ae", "clip", "t5", "tokenizers"),
     configs: dict | None = None,
+    variant: str | None = None,
 ) -> FluxModels:
     """Ready FLUX.1 models from a snapshot folder and/or individual files.
 
@@ -209,7 +210,13 @@ def load_flux(
     models (ComfyUI "checkpoint" bundles) may be passed as `transformer`; its AE and
     text encoders are taken from it when not given otherwise. `parts` picks what to
     load (e.g. parts=("transformer",)); `configs` overrides the presets per part
-    (keys "transformer", "ae", "clip", "t5"), for tiny test checkpoints."""
+    (keys "transformer", "ae", "clip", "t5"), for tiny test checkpoints.
+
+    variant ("flux-dev" / "flux-schnell") sets the T5 length (512 / 256) when the
+    transformer is not among `parts` (e.g. text encoders loaded and freed first); with
+    the transformer it must agree with the weights. Without either, a CheckpointError."""
+    if variant is not None and variant not in ("flux-dev", "flux-schnell"):
+        raise ValueError(f"variant must be 'flux-dev' or 'flux-schnell', got {variant!r}")
     found = snapshot_parts(snapshot) if snapshot is not None else {}
     given = dict(transformer=transformer, ae=ae, clip=clip, t5=t5)
     where = {k: given[k] or found.get(k) for k in given}
@@ -232,12 +239,15 @@ def load_flux(
         bundle = split_bundle(sd)
         if len(bundle) > 1 or "transformer" in bundle:  # a bundle (or a prefixed file)
             sd = bundle.get("transformer", bundle.get(None, {}))
-    out = FluxModels(variant="")
+    out = FluxModels(variant=variant or "")
     if "transformer" in parts:
         out.transformer = load_flux_transformer(
             where["transformer"], config=configs.get("transformer"), sd=sd, **kw
         )
-        out.variant = variant_of(out.transformer)
+        found_variant = variant_of(out.transformer)
+        if variant is not None and variant != found_variant:
+            raise CheckpointError(f"variant={variant!r}, but the transformer is {found_variant}")
+        out.variant = found_variant
     loaders = dict(ae=load_flux_ae, clip=load_clip, t5=load_t5)
     for part, loader in loaders.items():
         if part not in parts:
@@ -249,7 +259,7 @@ def load_flux(
         setattr(out, part, loader(source, config=configs.get(part), sd=sd, **kw))
     if "tokenizers" in parts:
         out.clip_tokenizer, out.t5_tokenizer = load_flux_tokenizers(
-            where["clip_tokenizer"], where["t5_tokenizer"], out.variant or "flux-dev"
+            where["clip_tokenizer"], where["t5_tokenizer"], _need_variant(out.variant)
         )
     return out
 
@@ -266,3 +276,12 @@ def load_flux_tokenizers(clip_folder, t5_folder, variant: str):
     return CLIPTokenizer.from_folder(clip_folder), T5Tokenizer.from_folder(
         t5_folder, max_length=t5_length
     )
+
+
+def _need_variant(variant: str) -> str:
+    if not variant:
+        raise CheckpointError(
+            "the T5 length depends on the model (dev 512, schnell 256): load the transformer "
+            "too, or pass variant='flux-dev' or 'flux-schnell'"
+        )
+    return variant

@@ -192,3 +192,17 @@ def test_missing_parts_are_named(tmp_path, oracles):
     save_file(contiguous(oracle_bfl(oracles)["transformer"]), tmp_path / "flux1-dev.safetensors")
     with pytest.raises(ValueError, match="no ae checkpoint"):
         load_flux(tmp_path, configs=oracles["configs"], parts=("transformer", "ae"))
+
+
+def test_variant_without_the_transformer(diffusers_snapshot, oracles):
+    """Text encoders and tokenizers alone (loaded and freed before the transformer):
+    the variant sets the T5 length, and is required."""
+    parts = ("clip", "t5", "tokenizers")
+    m = load_flux(diffusers_snapshot, configs=oracles["configs"], parts=parts,
+                  variant="flux-schnell")  # fmt: skip
+    assert m.transformer is None and m.t5_tokenizer(["x"]).shape == (1, 256)
+    with pytest.raises(ValueError, match="variant='flux-dev' or 'flux-schnell'"):
+        load_flux(diffusers_snapshot, configs=oracles["configs"], parts=parts)
+    with pytest.raises(ValueError, match="but the transformer is flux-dev"):
+        load_flux(diffusers_snapshot, configs=oracles["configs"], variant="flux-schnell",
+                  parts=("transformer",))  # fmt: skip
