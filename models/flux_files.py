@@ -17,7 +17,6 @@ Accepted for each part:
 The variant (dev or schnell) is read from the transformer's keys: dev has guidance_in.
 """
 
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -29,9 +28,11 @@ from models.flux import PRESETS, Flux, FluxConfig
 from models.loading import (
     CheckpointError,
     build,
+    count_blocks,
     default_dtype,
     dequantize_fp8,
     expect_family,
+    first_match,
     read_checkpoint,
     split_bundle,
     strip_prefix,
@@ -53,11 +54,6 @@ def flux_state_dict(sd: dict, source="state dict") -> dict:
     return keymaps.flux_from_diffusers(sd) if family == "flux-diffusers" else sd
 
 
-def _count(sd: dict, prefix: str) -> int:
-    found = {int(m.group(1)) for k in sd if (m := re.match(rf"{prefix}\.(\d+)\.", k))}
-    return max(found) + 1 if found else 0
-
-
 def flux_config_of(sd: dict) -> FluxConfig:
     """The config a BFL-keyed state dict was made for: a preset when its shapes are one,
     else the preset's structure with the sizes read from the shapes (head_dim 128 only:
@@ -73,8 +69,8 @@ def flux_config_of(sd: dict) -> FluxConfig:
             hidden_size=hidden,
             mlp_ratio=sd["double_blocks.0.img_mlp.0.weight"].shape[0] / hidden,
             num_heads=hidden // head_dim,
-            depth=_count(sd, "double_blocks"),
-            depth_single_blocks=_count(sd, "single_blocks"),
+            depth=count_blocks(sd, "double_blocks"),
+            depth_single_blocks=count_blocks(sd, "single_blocks"),
             qkv_bias="double_blocks.0.img_attn.qkv.bias" in sd,
             guidance_embed="guidance_in.in_layer.weight" in sd,
         )
@@ -162,14 +158,6 @@ class FluxModels:
     t5_tokenizer: object = None
 
 
-def _first(folder: Path, *patterns: str) -> Path | None:
-    for pattern in patterns:
-        hits = sorted(folder.glob(pattern))
-        if hits:
-            return hits[0]
-    return None
-
-
 def snapshot_parts(folder) -> dict:
     """Where each part lives in a FLUX.1 snapshot: BFL single files at the top level
     (flux1-*.safetensors, ae.safetensors) are preferred over diffusers subfolders."""
@@ -181,8 +169,8 @@ def snapshot_parts(folder) -> dict:
         return folder / name if (folder / name).is_dir() else None
 
     return {
-        "transformer": _first(folder, "flux1-*.safetensors") or sub("transformer"),
-        "ae": _first(folder, "ae.safetensors") or sub("vae"),
+        "transformer": first_match(folder, "flux1-*.safetensors") or sub("transformer"),
+        "ae": first_match(folder, "ae.safetensors") or sub("vae"),
         "clip": sub("text_encoder"),
         "t5": sub("text_encoder_2"),
         "clip_tokenizer": sub("tokenizer"),

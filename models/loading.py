@@ -14,6 +14,7 @@ names the keys and shapes; nothing is skipped silently.
 
 import json
 import pickle
+import re
 import struct
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -291,6 +292,21 @@ def build(
     if left:  # a buffer outside the state dict would be left unmaterialised
         raise RuntimeError(f"{what}: tensors still on the meta device: {_few(left)}")
     return model.eval().requires_grad_(False)
+
+
+def count_blocks(sd: dict, prefix: str) -> int:
+    """How many `prefix.N.` blocks a state dict holds (highest N + 1)."""
+    found = {int(m.group(1)) for k in sd if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.", k))}
+    return max(found) + 1 if found else 0
+
+
+def first_match(folder: Path, *patterns: str) -> Path | None:
+    """The first path (sorted) matching the first pattern that matches anything."""
+    for pattern in patterns:
+        hits = sorted(folder.glob(pattern))
+        if hits:
+            return hits[0]
+    return None
 
 
 def default_dtype(device) -> torch.dtype:

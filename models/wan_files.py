@@ -16,7 +16,6 @@ Accepted for each part:
     tokenizer    a folder with spiece.model or tokenizer.json (google/umt5-xxl)
 """
 
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,20 +26,17 @@ from models import keymaps
 from models.loading import (
     CheckpointError,
     build,
+    count_blocks,
     default_dtype,
     dequantize_fp8,
     expect_family,
+    first_match,
     read_checkpoint,
     strip_prefix,
 )
 from models.wan import PRESETS, Wan, WanConfig
 
 TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-
-
-def _count(sd: dict, prefix: str) -> int:
-    found = {int(m.group(1)) for k in sd if (m := re.match(rf"{prefix}\.(\d+)\.", k))}
-    return max(found) + 1 if found else 0
 
 
 def wan_state_dict(sd: dict, source="state dict") -> dict:
@@ -62,7 +58,7 @@ def wan_config_of(sd: dict) -> WanConfig:
             ffn_dim=sd["blocks.0.ffn.0.weight"].shape[0],
             freq_dim=sd["time_embedding.0.weight"].shape[1],
             text_dim=sd["text_embedding.0.weight"].shape[1],
-            num_layers=_count(sd, "blocks"),
+            num_layers=count_blocks(sd, "blocks"),
         )
         patch = tuple(sd["patch_embedding.weight"].shape[2:])
         found["out_dim"] = sd["head.head.weight"].shape[0] // (patch[0] * patch[1] * patch[2])
@@ -117,14 +113,6 @@ class WanModels:
     tokenizer: object = None
 
 
-def _first(folder: Path, *patterns: str):
-    for pattern in patterns:
-        hits = sorted(folder.glob(pattern))
-        if hits:
-            return hits[0]
-    return None
-
-
 def snapshot_parts(folder) -> dict:
     """Where each part lives in an original (top-level files) or diffusers snapshot."""
     folder = Path(folder)
@@ -136,13 +124,13 @@ def snapshot_parts(folder) -> dict:
 
     transformer = sub("transformer")
     if transformer is None and any(folder.glob("diffusion_pytorch_model*.safetensors")):
-        index = _first(folder, "diffusion_pytorch_model*.index.json")
-        transformer = index or _first(folder, "diffusion_pytorch_model*.safetensors")
-    tokenizer = sub("tokenizer") or _first(folder, "google/umt5-xxl")
+        index = first_match(folder, "diffusion_pytorch_model*.index.json")
+        transformer = index or first_match(folder, "diffusion_pytorch_model*.safetensors")
+    tokenizer = sub("tokenizer") or first_match(folder, "google/umt5-xxl")
     return {
         "transformer": transformer,
-        "vae": sub("vae") or _first(folder, "Wan2.1_VAE.pth", "*vae*.safetensors"),
-        "umt5": sub("text_encoder") or _first(folder, "models_t5_umt5-xxl-enc-*.pth"),
+        "vae": sub("vae") or first_match(folder, "Wan2.1_VAE.pth", "*vae*.safetensors"),
+        "umt5": sub("text_encoder") or first_match(folder, "models_t5_umt5-xxl-enc-*.pth"),
         "tokenizer": tokenizer,
     }
 

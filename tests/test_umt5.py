@@ -21,6 +21,7 @@ from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 from models import umt5
 from models.keymaps import t5_keys, umt5_from_wan
 from models.tokenizers import T5Tokenizer
+from tests.test_text_encoders import assert_same_keys, shapes
 
 # google/umt5-xxl config.json (= Wan's umt5_xxl(): vocab 256384, dim 4096, dim_attn 4096,
 # dim_ffn 10240, 64 heads, 24 layers, 32 buckets; Wan's max_dist 128)
@@ -42,19 +43,6 @@ HF_UMT5_XXL = dict(
 
 def hf_config(cfg: umt5.UMT5Config) -> UMT5Config:
     return UMT5Config(**dataclasses.asdict(cfg), feed_forward_proj="gated-gelu", dropout_rate=0.0)
-
-
-def shapes(sd: dict) -> dict:
-    return {k: tuple(v.shape) for k, v in sd.items()}
-
-
-def assert_same_keys(ours: dict, theirs: dict):
-    missing, unexpected = ours.keys() - theirs.keys(), theirs.keys() - ours.keys()
-    assert not missing and not unexpected, (
-        f"missing {sorted(missing)} unexpected {sorted(unexpected)}"
-    )
-    wrong = {k: (ours[k], theirs[k]) for k in ours if ours[k] != theirs[k]}
-    assert not wrong, f"shapes (ours, theirs): {wrong}"
 
 
 # ---------------------------------------------------------------------------------------
