@@ -230,9 +230,10 @@ def add_flux_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--scope",
         choices=("all", "aligned"),
-        default="all",
-        help="guidance seen by detail tokens: all, or the aligned guidance window and "
-        "those within --margin windows (default: all)",
+        default="aligned",
+        help="guidance seen by detail tokens: the aligned guidance window and those within "
+        "--margin windows, or all of it (cost grows with the square of the pixels; "
+        "default: aligned)",
     )
     g.add_argument(
         "--margin", type=int, default=1, metavar="M", help="aligned scope margin (default: 1)"

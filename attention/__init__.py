@@ -2,9 +2,10 @@
 
 from .dispatch import Plan, attend, clear_cache
 from .layout import DETAIL, GUIDANCE, TEXT, Layout
-from .rules import IMAGE_RULE, VIDEO_RULE, MaskRule
+from .rules import ALL_GUIDANCE_RULE, IMAGE_RULE, VIDEO_RULE, MaskRule
 
 __all__ = [
+    "ALL_GUIDANCE_RULE",
     "DETAIL",
     "GUIDANCE",
     "IMAGE_RULE",

@@ -67,7 +67,13 @@ class MaskRule:
         return f"guidance {scope}, neighbours {neigh}{text}"
 
 
-IMAGE_RULE = MaskRule(scope="all", neighbours="halo", halo=1)
+# Images use the aligned scope too, not DESIGN.md's `all`: with `all` each detail query
+# also sees every guidance token (16,384 at 8K), so attention per token grows with the
+# image and its cost with the square of the pixels. At 8K that guidance term alone is
+# ~3e15 FLOPs per FLUX step: 3 s even at an H100's peak bf16 rate, 7 s measured, against
+# UltraGen's near-linear claim (bench/results/flux-step.md). `all` stays an option.
+IMAGE_RULE = MaskRule(scope="aligned", margin=1, neighbours="halo", halo=1)
+ALL_GUIDANCE_RULE = MaskRule(scope="all", neighbours="halo", halo=1)
 VIDEO_RULE = MaskRule(scope="aligned", margin=1, neighbours="halo", halo=1)
 
 

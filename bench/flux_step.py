@@ -2,10 +2,11 @@
 
 Rows (impl):
     hier       ours, UltraGen's joint sequence [512 text | guidance (ratio 4) | detail],
-               16×16-token windows, IMAGE_RULE (guidance `all`, halo 1), packed flex
-    hier-aligned  the same with guidance scope aligned(1): detail sees the guidance
-               window aligned with its own and those next to it (the paper's "scaled
-               region"), not all guidance
+               16×16-token windows, IMAGE_RULE (the sampler's default: guidance scope
+               aligned(1), halo 1), packed flex: detail sees the guidance window aligned
+               with its own and those next to it (the paper's "scaled region")
+    hier-all   the same with guidance scope `all` (ALL_GUIDANCE_RULE, DESIGN.md's
+               image default): every detail query also sees every guidance token
     dense      ours, plain FLUX at the same resolution, dense SDPA
     diffusers  diffusers' FluxTransformer2DModel, dense (its default attention)
     no-attn    the hier step with attention replaced by the identity: the floor set by
@@ -18,6 +19,7 @@ Text encoders are left out of both end-to-end rows (the same ~0.1 s for both).
     python bench/flux_step.py [--sizes 2048,4096,8192]
                               [--parts diffusers,ours,e2e (or e2e-hier, e2e-dense)]
                               [--out bench/results]
+    python bench/flux_step.py --report   # table + targets from the recorded rows
 """
 
 import argparse
@@ -33,13 +35,12 @@ import torch.nn.functional as F
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo, not bench/
 
 import models.flux as flux_module  # noqa: E402
-from attention import IMAGE_RULE, Layout, MaskRule, Plan  # noqa: E402
+from attention import ALL_GUIDANCE_RULE, IMAGE_RULE, Layout, Plan  # noqa: E402
 from models.autoencoder import PRESETS as AE_PRESETS  # noqa: E402
 from models.autoencoder import AutoEncoder  # noqa: E402
 from models.flux import PRESETS, Flux, image_ids, layout_ids, text_ids, to_layout  # noqa: E402
 
 DEV = "cuda"
-ALIGNED = MaskRule(scope="aligned", margin=1)  # detail sees the aligned guidance window +1
 BF16 = torch.bfloat16
 TEXT = 512
 
@@ -114,7 +115,7 @@ def ours_hier(model, size, repeat, g):
     layout, img, img_ids, txt_ids = hier_inputs(size, g)
     kw = dict(ntk_factor=10.0, n_guidance=layout.n_guidance)
     rows = []
-    for impl, rule in [("hier", IMAGE_RULE), ("hier-aligned", ALIGNED)]:
+    for impl, rule in [("hier", IMAGE_RULE), ("hier-all", ALL_GUIDANCE_RULE)]:
         plan = Plan(layout, rule)
 
         def step(p=plan):
@@ -278,13 +279,75 @@ def e2e_rows(parts, steps=28, skip=10):
     return rows
 
 
+TARGETS = {4096: 2.2, 8192: 4.5}  # hier speedup over diffusers dense (issue 4)
+NO_ATTN_BOUND = 1.3  # hier time / no-attn time
+E2E_TARGET = 3.0  # 28 dense 4K steps / the e2e hierarchical 4K image
+
+
+def latest_rows(runs):
+    """The newest row for each (resolution, impl) over the recorded runs."""
+    rows = {}
+    for run in runs:
+        for r in run["rows"]:
+            rows[r["resolution"], r["impl"]] = {**r, "date": run["date"], "command": run["command"]}
+    return [rows[k] for k in sorted(rows)]
+
+
+def targets(rows):
+    ms = {(r["resolution"], r["impl"]): r["ms"] for r in rows}
+    out = {}
+    for impl in ("hier", "hier-all"):
+        for size, want in TARGETS.items():
+            h, d, f = ms.get((size, impl)), ms.get((size, "diffusers")), ms.get((size, "no-attn"))
+            if h and (size, "diffusers") in ms:
+                sp = d / h if d else None  # None: diffusers ran out of memory (target met)
+                out[f"{impl} {size}: speedup vs diffusers >= {want}"] = dict(
+                    value=None if sp is None else round(sp, 2), met=sp is None or sp >= want
+                )
+            if h and f:
+                out[f"{impl} {size}: time / no-attn <= {NO_ATTN_BOUND}"] = dict(
+                    value=round(h / f, 3), met=h / f <= NO_ATTN_BOUND
+                )
+    h, d = ms.get((4096, "e2e-hier")), ms.get((4096, "e2e-dense"))
+    if h and d:
+        out[f"e2e 4096: dense / hier >= {E2E_TARGET}"] = dict(
+            value=round(d / h, 2), met=d / h >= E2E_TARGET
+        )
+    return out
+
+
+def report(out: Path):
+    """Set rows and targets in flux-step.json from its runs; print flux-step.md's tables."""
+    path = out / "flux-step.json"
+    data = json.loads(path.read_text())
+    rows = latest_rows(data["runs"])
+    data["rows"], data["targets"] = rows, targets(rows)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    ms = {(r["resolution"], r["impl"]): r["ms"] for r in rows}
+    lines = ["| resolution | impl | ms | peak GiB | vs diffusers | date |", "|---" * 6 + "|"]
+    for r in rows:
+        d = ms.get((r["resolution"], "diffusers"))
+        vs = f"{d / r['ms']:.2f}×" if d and r["ms"] and not r["impl"].startswith("e2e") else ""
+        t = "out of memory" if r["ms"] is None else f"{r['ms']:.0f}"
+        gib = "" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
+        lines.append(f"| {r['resolution']} | {r['impl']} | {t} | {gib} | {vs} | {r['date']} |")
+    lines += ["", "| target | value | met |", "|---|---|---|"]
+    for name, t in data["targets"].items():
+        lines.append(f"| {name} | {t['value']} | {'yes' if t['met'] else '**no**'} |")
+    commands = sorted({r["command"] for r in rows})
+    print("\n".join(lines + ["", "commands:", *commands]))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--sizes", default="2048,4096,8192", help="square image sides, pixels")
     ap.add_argument("--parts", default="diffusers,ours,e2e", help="which rows to run")
     ap.add_argument("--repeat", type=int, default=2, help="timed runs after a warm-up")
     ap.add_argument("--out", default="bench/results", help="folder for flux-step.{json,md}")
+    ap.add_argument("--report", action="store_true", help="print tables from the json, no GPU")
     args = ap.parse_args()
+    if args.report:
+        return report(Path(args.out))
     sizes = [int(s) for s in args.sizes.split(",")]
     parts = args.parts.split(",")
     rows = []

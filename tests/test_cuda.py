@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attention import IMAGE_RULE, VIDEO_RULE, Layout, MaskRule, Plan, attend
+from attention import ALL_GUIDANCE_RULE, VIDEO_RULE, Layout, MaskRule, Plan, attend
 from tests.strategies import plans
 
 pytestmark = pytest.mark.cuda
@@ -81,7 +81,7 @@ def test_flex_bf16_forward_backward(plan, packed, seed):
 @pytest.mark.parametrize(
     "layout, rule",
     [
-        (Layout(grid=(40, 56), window=(16, 16), text=77, ratio=4), IMAGE_RULE),
+        (Layout(grid=(40, 56), window=(16, 16), text=77, ratio=4), ALL_GUIDANCE_RULE),
         (Layout(grid=(5, 27, 30), window=(4, 8, 8), ratio=(4, 4)), VIDEO_RULE),
         (Layout(grid=(40, 56), window=(16, 16), text=77, ratio=4), MaskRule(neighbours="shift")),
     ],

@@ -5,7 +5,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from attention import IMAGE_RULE, Layout, MaskRule, Plan, attend
+from attention import ALL_GUIDANCE_RULE, Layout, MaskRule, Plan, attend
 from attention.dispatch import flex_parts
 from tests.strategies import plans
 
@@ -56,13 +56,13 @@ def test_text_sees_detail_is_not_chunked():
 
 def test_chunking_kicks_in_at_the_index_budget():
     lay = Layout(grid=(40, 40), window=(8, 8), text=5, ratio=2)
-    plan = Plan(lay, IMAGE_RULE, index_budget=16 * 4 * 4, packed=False)  # <= 4x4 blocks
+    plan = Plan(lay, ALL_GUIDANCE_RULE, index_budget=16 * 4 * 4, packed=False)  # <= 4x4 blocks
     parts = flex_parts(plan, "cpu", 1)
     assert len(parts) > 2
     for _, _, bm in parts:
         assert bm.kv_indices.shape[-1] * bm.kv_indices.shape[-2] <= 16
     q, k, v = qkv(2, 3, lay.n, 0)
-    ref = attend(q, k, v, Plan(lay, IMAGE_RULE, backend="reference"))
+    ref = attend(q, k, v, Plan(lay, ALL_GUIDANCE_RULE, backend="reference"))
     torch.testing.assert_close(attend(q, k, v, plan), ref, atol=1e-5, rtol=0)
 
 
@@ -70,13 +70,13 @@ def test_packed_chunking_kicks_in_at_the_index_budget():
     from attention.dispatch import packed_calls
 
     lay = Layout(grid=(40, 40), window=(8, 8), text=5, ratio=2)
-    plan = Plan(lay, IMAGE_RULE, block=(16, 16), index_budget=16 * 40 * 40)
+    plan = Plan(lay, ALL_GUIDANCE_RULE, block=(16, 16), index_budget=16 * 40 * 40)
     calls, dst = packed_calls(plan, "cpu", 1)
     assert len(calls) > 2 and dst is not None
     for c in calls:
         assert c.block_mask.kv_indices.shape[-1] * c.block_mask.kv_indices.shape[-2] <= 1600
     q, k, v = qkv(2, 3, lay.n, 0)
-    ref = attend(q, k, v, Plan(lay, IMAGE_RULE, backend="reference"))
+    ref = attend(q, k, v, Plan(lay, ALL_GUIDANCE_RULE, backend="reference"))
     torch.testing.assert_close(attend(q, k, v, plan), ref, atol=1e-5, rtol=0)
 
 
@@ -86,9 +86,9 @@ def test_chunking_kicks_in_at_int32_offsets():
 
     lay = Layout(grid=(64, 64), window=(16, 16), text=8, ratio=4)
     n = padded(lay.n)  # flex sees whole blocks
-    assert len(plan_chunks(lay, IMAGE_RULE, False, 2**31 // n - 1, 1 << 40)) == 1
+    assert len(plan_chunks(lay, ALL_GUIDANCE_RULE, False, 2**31 // n - 1, 1 << 40)) == 1
     bhd = 2**31 // n + 1
-    chunks = plan_chunks(lay, IMAGE_RULE, False, bhd, 1 << 40)
+    chunks = plan_chunks(lay, ALL_GUIDANCE_RULE, False, bhd, 1 << 40)
     assert len(chunks) > 1
     for c in chunks:
         assert bhd * padded(max(c.q_end - c.q_start, len(c.kv_index))) < 2**31

@@ -210,7 +210,7 @@ def test_demo_writes_png_and_refuses_overwrite(tmp_path, capsys):
     s = meta["settings"]
     assert s["levels"] == ["128x128", "512x512"] and s["steps"] == 4 and s["skip"] == 1
     assert (s["window"], s["ratio"], s["halo"], s["ntk"]) == ([16, 16], 4, 1, 10.0)
-    assert (s["guidance_mode"], s["scope"], s["hi_shift"]) == ("renoise", "all", 3.0)
+    assert (s["guidance_mode"], s["scope"], s["hi_shift"]) == ("renoise", "aligned", 3.0)
     lvl = meta["levels"][1]
     assert "windows 1x16x16 -> 1x2x2 = 4" in lvl["layout"] and lvl["steps"] == 3
     assert lvl["t0"] == pytest.approx(sampling.schedule(4, 3.0)[1])
