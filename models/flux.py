@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from attention import attend
@@ -414,6 +415,8 @@ class LastLayer(nn.Module):
 
 
 class Flux(nn.Module):
+    gradient_checkpointing = False  # recompute each block in backward (train.py)
+
     def __init__(self, config: FluxConfig):
         super().__init__()
         c = config
@@ -481,13 +484,21 @@ class Flux(nn.Module):
         pe = rope_tables(ids, c.axes_dim, c.theta, ntk, table_dtype)
         layer = 0
         for block in self.double_blocks:
-            img, txt = block(img, txt, img_vecs, [(n_txt, vec)], pe, _for_layer(plan, layer))
+            args = (img, txt, img_vecs, [(n_txt, vec)], pe, _for_layer(plan, layer))
+            img, txt = self.run_block(block, *args)
             layer += 1
         x = torch.cat([txt, img], dim=1)  # (B, L_txt + L_img, dim)
         for block in self.single_blocks:
-            x = block(x, all_vecs, pe, _for_layer(plan, layer))
+            x = self.run_block(block, x, all_vecs, pe, _for_layer(plan, layer))
             layer += 1
         return self.final_layer(x[:, n_txt:], img_vecs)  # (B, L_img, out_channels)
+
+    def run_block(self, block, *args):
+        """block(*args); with gradient_checkpointing (the trainer sets it) and autograd on,
+        its activations are recomputed in the backward pass instead of kept."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     def vector(self, timesteps, y, guidance, dtype) -> torch.Tensor:
         """The modulation vector: time_in(t) + guidance_in(g) + vector_in(y): (B, dim)."""
