@@ -87,7 +87,7 @@ def die(msg: str, code: int = 2):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train.py",
-        description=__doc__.split("\n\n")[1],
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g = p.add_argument_group("model files (as sample.py)")
