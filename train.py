@@ -734,7 +734,7 @@ def train(args, stop: StopRequest) -> int:
     while step < args.steps:
         step_start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        losses, bad = [], False
+        losses = []
         for micro in range(args.grad_accum):
             batch = {k: v.to(device) for k, v in batches.next(skipped).items()}
             if batch["txt"].shape[1] != n_text:
@@ -744,18 +744,17 @@ def train(args, stop: StopRequest) -> int:
             batch["y"] = batch["y"].to(model.img_in.weight.dtype)
             B = batch["detail"].shape[0]
             t = draw_t(B, args, noise_gen)
-            packed_d, packed_g = pack(batch["detail"]), pack(batch["guidance"])
-            eps_d = torch.randn(packed_d.shape, generator=noise_gen).to(device)
-            eps_g = torch.randn(packed_g.shape, generator=noise_gen).to(device)
+            eps_d = pack(torch.randn(batch["detail"].shape, generator=noise_gen)).to(device)
+            eps_g = pack(torch.randn(batch["guidance"].shape, generator=noise_gen)).to(device)
             sync = WORLD == 1 or micro == args.grad_accum - 1
             ctx = contextlib.nullcontext() if sync else net.no_sync()
             with ctx, torch.autocast(device.type, torch.bfloat16, enabled=bf16):
                 loss = flow_matching_loss(net, batch, setup, t.to(device), eps_d, eps_g)
-            bad = bad or not math.isfinite(loss.item())
-            if all_ranks_agree(bad):
-                return stop_on_bad_loss(step + 1, loss.item(), ckpt_path, last_saved, log)
+            value = loss.item()
+            if all_ranks_agree(not math.isfinite(value)):
+                return stop_on_bad_loss(step + 1, value, ckpt_path, last_saved, log)
             (loss / args.grad_accum).backward()
-            losses.append(loss.item())
+            losses.append(value)
         if args.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         opt.step()

@@ -26,6 +26,7 @@ from torch import nn
 from models import keymaps
 from models.flux import PRESETS, Flux, FluxConfig
 from models.loading import (
+    COMFY_TRANSFORMER_PREFIXES,
     CheckpointError,
     build,
     count_blocks,
@@ -38,9 +39,6 @@ from models.loading import (
     strip_prefix,
 )
 
-TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-
-
 # ---------------------------------------------------------------------------------------
 # the transformer
 # ---------------------------------------------------------------------------------------
@@ -48,7 +46,7 @@ TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 def flux_state_dict(sd: dict, source="state dict") -> dict:
     """Any supported FLUX transformer state dict -> BFL keys."""
-    sd = strip_prefix(sd, TRANSFORMER_PREFIXES)
+    sd = strip_prefix(sd, COMFY_TRANSFORMER_PREFIXES)
     family = expect_family(sd, ("flux", "flux-diffusers"), source, "FLUX transformer")
     sd = dequantize_fp8(sd)
     return keymaps.flux_from_diffusers(sd) if family == "flux-diffusers" else sd

@@ -176,6 +176,9 @@ def split_bundle(sd: dict) -> dict[str, dict]:
     return out
 
 
+COMFY_TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # ComfyUI repacks
+
+
 def strip_prefix(sd: dict, prefixes: Iterable[str]) -> dict:
     """Removes the first prefix that every key carries, if any."""
     for p in prefixes:

@@ -24,6 +24,7 @@ from torch import nn
 
 from models import keymaps
 from models.loading import (
+    COMFY_TRANSFORMER_PREFIXES,
     CheckpointError,
     build,
     count_blocks,
@@ -36,12 +37,10 @@ from models.loading import (
 )
 from models.wan import PRESETS, Wan, WanConfig
 
-TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-
 
 def wan_state_dict(sd: dict, source="state dict") -> dict:
     """Any supported Wan transformer state dict -> original Wan keys."""
-    sd = strip_prefix(sd, TRANSFORMER_PREFIXES)
+    sd = strip_prefix(sd, COMFY_TRANSFORMER_PREFIXES)
     family = expect_family(sd, ("wan", "wan-diffusers"), source, "Wan transformer")
     sd = dequantize_fp8(sd)
     return keymaps.wan_from_diffusers(sd) if family == "wan-diffusers" else sd
