@@ -51,16 +51,13 @@ from safetensors.torch import load_file, save_file
 
 from attention import MaskRule, Plan
 from models import lora, sampling
+from models.arguments import parse_size, parse_window
+from models.demo import flux_models as demo_models
 from models.flux import layout_ids, pack, to_layout
-from sample import (
-    Progress,
-    _clock,
-    demo_models,
-    encode_prompt,
-    parse_size,
-    parse_window,
-    pick_backend,
-)
+from models.progress import Progress
+from models.progress import clock as _clock
+from models.sampling import pick_backend
+from models.ultragen_image import encode_prompt
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 CHECKPOINT = "checkpoint.pt"

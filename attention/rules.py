@@ -67,7 +67,8 @@ class MaskRule:
         return f"guidance {scope}, neighbours {neigh}{text}"
 
 
-# Images use the aligned scope too, not DESIGN.md's `all`: with `all` each detail query
+# Images use the aligned scope too, not `all` (an earlier default, one reading of the
+# UltraGen paper): with `all` each detail query
 # also sees every guidance token (16,384 at 8K), so attention per token grows with the
 # image and its cost with the square of the pixels. At 8K that guidance term alone is
 # ~3e15 FLOPs per FLUX step: 3 s even at an H100's peak bf16 rate, 7 s measured, against

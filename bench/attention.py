@@ -3,8 +3,8 @@
     python bench/attention.py                       # flux-4k, flux-8k, wan-4k-81f
     python bench/attention.py --presets flux-4k --variants
 
-For each preset (bf16, head_dim 128, batch 1, the preset's heads and DESIGN.md's
-default rule) it measures one forward attention call:
+For each preset (bf16, head_dim 128, batch 1, the preset's heads and the
+default rule of its method) it measures one forward attention call:
   dense_ms       SDPA, default backend (cuDNN / flash / efficient, torch's choice)
   flash_ms       SDPA, FlashAttention-2 backend
   flex_ms        `attend(q, k, v, Plan(layout, rule))`: flex on packed sequences

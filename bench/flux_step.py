@@ -5,7 +5,7 @@ Rows (impl):
                16×16-token windows, IMAGE_RULE (the sampler's default: guidance scope
                aligned(1), halo 1), packed flex: detail sees the guidance window aligned
                with its own and those next to it (the paper's "scaled region")
-    hier-all   the same with guidance scope `all` (ALL_GUIDANCE_RULE, DESIGN.md's
+    hier-all   the same with guidance scope `all` (ALL_GUIDANCE_RULE, the earlier
                image default): every detail query also sees every guidance token
     dense      ours, plain FLUX at the same resolution, dense SDPA
     diffusers  diffusers' FluxTransformer2DModel, dense (its default attention)

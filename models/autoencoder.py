@@ -12,12 +12,13 @@ however large the image (only the output grows). GroupNorm statistics and the mi
 attention are per tile, so a tiled result differs a little from the untiled one.
 """
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from models.tiles import blend_weights, check_tiling, tile_starts
 
 
 @dataclass
@@ -226,47 +227,6 @@ class Decoder(nn.Module):
         for level in reversed(self.up):
             h = level(h)
         return self.conv_out(F.silu(self.norm_out(h)))
-
-
-# ---------------------------------------------------------------------------------------
-# tiling: where tiles go and how much each one counts at every position
-# ---------------------------------------------------------------------------------------
-
-
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Starts of the fewest tiles of size `tile` that cover [0, length) with neighbours
-    overlapping by at least `overlap`, spread evenly (so the overlaps are about equal).
-    One tile (of size `length`) when the length fits in one."""
-    if length <= tile:
-        return [0]
-    n = 1 + math.ceil((length - tile) / (tile - overlap))
-    return [round(i * (length - tile) / (n - 1)) for i in range(n)]
-
-
-def blend_weights(starts: list[int], size: int, length: int) -> list[Tensor]:
-    """1-D weight of each tile over its `size` positions: a linear ramp across the part it
-    shares with the previous and with the next tile, 1 elsewhere; then divided by the sum
-    over tiles, so at every position of [0, length) the weights add up to exactly 1."""
-    pos = torch.arange(size, dtype=torch.float32) + 0.5  # sample centres
-    weights = []
-    for i, s in enumerate(starts):
-        w = torch.ones(size)
-        if i > 0:  # shared with the previous tile: ramp up
-            w = torch.minimum(w, pos / (starts[i - 1] + size - s))
-        if i < len(starts) - 1:  # shared with the next tile: ramp down
-            w = torch.minimum(w, pos.flip(0) / (s + size - starts[i + 1]))
-        weights.append(w)
-    total = torch.zeros(length)
-    for s, w in zip(starts, weights):
-        total[s : s + size] += w
-    return [w / total[s : s + size] for s, w in zip(starts, weights)]
-
-
-def check_tiling(tile: int, overlap: int) -> None:
-    if not (isinstance(tile, int) and isinstance(overlap, int)):
-        raise ValueError(f"tile and overlap must be ints, got tile={tile!r}, overlap={overlap!r}")
-    if tile < 1 or overlap < 0 or overlap >= tile:
-        raise ValueError(f"need tile >= 1 and 0 <= overlap < tile, got {tile=}, {overlap=}")
 
 
 # ---------------------------------------------------------------------------------------

@@ -375,6 +375,47 @@ def _peft_config(ranks: dict, alphas: dict) -> dict:
     return {f"transformer.{k}": v for k, v in config.items()}
 
 
+_LORA_WORDS = ("lora_A", "lora_B", "lora_down", "lora_up", ".processor.", ".alpha")
+
+
+def check_file(path, kind: str = "community") -> None:
+    """Checks a LoRA file before any model is loaded; a one-line ValueError otherwise.
+
+    It must exist and be a readable safetensors file (header checked; a zero-byte or
+    truncated file is named as such) whose tensors are LoRA tensors. kind "guidance": a
+    file written by save_lora (train.py's lora.safetensors). kind "community": read
+    whole by read_lora (LoRA files are small), so an unknown module fails here too.
+    Files other than safetensors (a .pt, .bin) are read whole through read_lora."""
+    from models.loading import CheckpointError, _check_safetensors
+
+    p = Path(path)
+    if not p.exists():
+        raise ValueError("file not found")
+    if not p.is_file():
+        raise ValueError("not a file")
+    try:
+        if p.suffix in (".safetensors", ".sft") or kind == "guidance":
+            header = _check_safetensors(p)
+            keys = [k for k in header if k != "__metadata__"]
+            if not keys:
+                raise ValueError("holds no tensors: not a LoRA")
+            foreign = [k for k in keys if not any(w in k for w in _LORA_WORDS)]
+            if foreign:
+                raise ValueError(
+                    f"not a LoRA: {len(foreign)} of its {len(keys)} tensors are not LoRA "
+                    f"weights (e.g. {foreign[0]!r}); is it a model checkpoint?"
+                )
+            if kind == "guidance" and OURS_KEY not in (header.get("__metadata__") or {}):
+                raise ValueError(
+                    "not a guidance LoRA written by train.py (save_lora): pass community "
+                    "LoRAs with --lora"
+                )
+        if kind != "guidance":
+            read_lora(p)
+    except CheckpointError as e:
+        raise ValueError(str(e).replace(f"{p}: ", "")) from None
+
+
 def _read_file(source) -> tuple[dict, dict]:
     """(state dict, safetensors header metadata) of a path or a state dict."""
     if isinstance(source, dict):

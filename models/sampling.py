@@ -200,6 +200,16 @@ def warm_start(x0: torch.Tensor, noise: torch.Tensor, t0: float) -> torch.Tensor
     return noised(x0, noise, t0)
 
 
+def pick_backend(name: str, device, n_tokens: int) -> str:
+    """The attention executor for "auto": flex on CUDA; on the CPU the dense reference up
+    to 6144 tokens (exact and quick there), flex beyond."""
+    if name != "auto":
+        return name
+    if torch.device(device).type == "cuda":
+        return "flex"
+    return "reference" if n_tokens <= 6144 else "flex"
+
+
 def check_skip(steps: int, skip: int) -> None:
     if not 0 <= skip < steps:
         raise ValueError(f"skip must be in 0..{steps - 1} for {steps} steps, got {skip}")
@@ -260,6 +270,22 @@ def estimate_memory(
     vae = VAE_BYTES_PER_PIXEL * vae_scale * dtype_bytes * tile_px + image_bytes
     latent = 16 * (h // PX_PER_LATENT) * (w // PX_PER_LATENT) * 4
     return MemoryEstimate(int(weights), int(acts), int(vae), 8 * latent)
+
+
+def weight_bytes(*modules) -> int:
+    """Bytes of the parameters and buffers of modules (None skipped)."""
+    return sum(
+        t.numel() * t.element_size()
+        for m in modules
+        if m is not None
+        for t in [*m.parameters(), *m.buffers()]
+    )
+
+
+def device_memory(device) -> int:
+    """Bytes a CUDA device has for this process: free + what its allocator holds."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device)
 
 
 def memory_problem(estimate: MemoryEstimate, available: int, what: str = "") -> str | None:

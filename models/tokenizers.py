@@ -102,6 +102,15 @@ class _TextTokenizer:
         encodings = self.backend.encode_batch(list(texts), add_special_tokens=True)
         return torch.tensor([e.ids for e in encodings], dtype=torch.long)
 
+    def count(self, text: str) -> int:
+        """How many ids the text has, special tokens included, before it is cut to
+        max_length (so a caller can say that a prompt was cut)."""
+        if getattr(self, "_uncut", None) is None:
+            self._uncut = Tokenizer.from_str(self.backend.to_str())
+            self._uncut.no_truncation()
+            self._uncut.no_padding()
+        return len(self._uncut.encode(text, add_special_tokens=True).ids)
+
     def __len__(self) -> int:
         """Vocabulary size, added tokens included."""
         return self.backend.get_vocab_size(with_added_tokens=True)

@@ -120,6 +120,11 @@ def preset(name: str, **overrides) -> WanConfig:
     return replace(PRESETS[name], **overrides)
 
 
+def variant_of(config: WanConfig) -> str:
+    """The name of the preset a config equals ("wan-t2v-1.3b", ...), else "custom"."""
+    return next((name for name, c in PRESETS.items() if c == config), "custom")
+
+
 # ---------------------------------------------------------------------------------------
 # embeddings: timesteps and RoPE
 # ---------------------------------------------------------------------------------------

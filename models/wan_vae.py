@@ -1,4 +1,5 @@
-"""The Wan2.1 video VAE, with the names of `Wan2.1_VAE.pth`, and streamed, tiled decoding.
+"""The Wan2.1 video VAE, with the names of `Wan2.1_VAE.pth`; videos of any length and size
+coded in bounded memory: spatial tiles outer, time inner.
 
 Video (B, 3, T, H, W) in [-1, 1], T = 1 + 4k  <->  latent (B, 16, 1 + k, H/8, W/8),
 normalised per channel: z = (mu - mean) / std with Wan's 16 means and stds.
@@ -12,17 +13,32 @@ upsampling steps double it, with one exception that makes the first frame an ima
 frame 0 is never merged with, or split into, other frames. So 1 + 4k frames <-> 1 + k
 latent frames.
 
-Because everything is causal, the video is coded as a stream (as Wan does it): the
-encoder takes frame 0, then 4 frames at a time; the decoder one latent frame at a time
-(giving 1 frame, then 4 per latent frame). Between calls each causal layer keeps the last
-input frames it needs (at most 2) in a `FrameCache`, so the chunks join up exactly.
-`decode_stream` yields the frames chunk by chunk; with `tile` it also cuts every frame
-into overlapping spatial tiles, each with its own cache, and blends them with linear
-ramps (as models/autoencoder.py does). Working memory is then one tile's, whatever the
-video's length or size; the caches hold two frames of features per layer over the whole
-frame. At full size, one 256 px tile (32 latent) caches 155M numbers (0.29 GiB in bf16)
-and its largest activation is 50M; a 4K frame (480x270 latent) is 220 such tiles, about
-64 GiB of caches: keep them on the CPU (`cache_device="cpu"`).
+Streams. Everything is causal, so a video is coded in chunks of time (as Wan does it);
+between calls each causal layer keeps the last input frames it needs (at most 2) in a
+`FrameCache`, and the chunks join up exactly. Frame 0 (video or latent) must be a chunk of
+its own: the time-resampling layers treat the whole first chunk as frame 0. After it, k
+latent frames (4k video frames) in one chunk are the same computation as k chunks of one:
+the causal convs read the frames before the chunk from the cache, time_conv's frame pairs
+(up) and stride-2 windows (down) never straddle a chunk boundary, attention is per frame.
+`chunk` (latent frames per call) trades device memory for fewer, larger calls.
+
+Tiles outer, time inner. A large video is cut into overlapping spatial tiles, blended
+with linear ramps (models/autoencoder.py's weights, adding up to 1 at every pixel).
+`decode_video` and `encode_video` run one tile through the whole video, with a fresh
+cache dropped when the tile is done, before the next tile starts. The other order (time
+outer, as diffusers' tiled decode and our earlier `decode_stream(tile=...)`) must keep
+every tile's cache alive at once, two frames of features per layer over the whole frame:
+at 3840x2160, with tiles of 64 latent px, 54 GiB peak on an H200 with the caches on the
+GPU, 14 s per frame with them on the CPU. The price: no frame is finished before the last
+tile, so the result is assembled in a buffer (the video on the CPU, the latent on the
+device).
+
+Memory, whatever the number of frames or of tiles: on the device, one tile's activations
+for one chunk + its cache (+ the latent, encoding); on the host, the video + one
+tile-chunk. At full size (counted on the meta device), per latent pixel of a tile, the
+decoder caches 151K numbers and its largest activation is 49K per latent frame of a chunk
+(the encoder: 90K, 25K). 4K (latent 270x480) in tiles of <= 160, i.e. 2 x 4 tiles of 139 x
+126 (`balanced_tiles`): a 2.65G-number cache (4.9 GiB in bf16), a 0.86G largest activation.
 """
 
 from collections.abc import Iterator
@@ -32,7 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.autoencoder import blend_weights, check_tiling, tile_starts
+from models.flux import fused_on_gpu
+from models.tiles import check_tiles, scaled, tiling
 
 
 @dataclass
@@ -86,18 +103,12 @@ PRESETS = {
 
 class FrameCache(dict):
     """What the causal layers of one stream remember between chunks: layer -> its last
-    input frames (or a marker). One per video, or per spatial tile when tiled.
-
-    `device` is where the frames are kept (None: where they were made). "cpu" keeps the
-    caches of a tiled 4K decode off the GPU; they come back one tile at a time."""
-
-    def __init__(self, device: str | torch.device | None = None):
-        super().__init__()
-        self.device = device
+    input frames (or a marker). One per video, or per spatial tile when tiled; a tiled
+    call holds one at a time."""
 
     def keep(self, layer: nn.Module, frames: Tensor) -> None:
         # a copy, so that the chunk the frames were cut from can be freed
-        self[layer] = frames.to(self.device or frames.device, copy=True)
+        self[layer] = frames.clone()
 
     def numel(self) -> int:
         """Elements held: a measure of the stream's memory."""
@@ -121,7 +132,9 @@ class CausalConv3d(nn.Conv3d):
     by 2p zero frames in front, none behind (so kernel 3 keeps the frame count).
 
     Given a FrameCache it continues a stream: the last 2p input frames of the previous
-    call stand in for the zero frames, so chunk by chunk equals the whole stream at once."""
+    call stand in for the zero frames, so chunk by chunk equals the whole stream at once.
+    H and W are padded by the convolution itself (no padded copy of the input); time by
+    one concatenation with the cached (or zero) frames."""
 
     def __init__(self, c_in: int, c_out: int, kernel, stride=1, padding=0):
         super().__init__(c_in, c_out, kernel, stride=stride, padding=0)
@@ -129,45 +142,53 @@ class CausalConv3d(nn.Conv3d):
         self.pad_t, self.pad_h, self.pad_w = 2 * p[0], p[1], p[2]
 
     def forward(self, x: Tensor, cache: FrameCache | None = None) -> Tensor:
-        front = self.pad_t  # zero frames in front
-        if cache is not None and self.pad_t > 0:
-            past = cache.get(self)  # (B, C, <= pad_t, H, W) or None at the start
-            if past is not None:
-                x = torch.cat([past.to(x), x], dim=2)
-                front -= past.shape[2]
-            cache.keep(self, x[:, :, -self.pad_t :])
-        x = F.pad(x, (self.pad_w, self.pad_w, self.pad_h, self.pad_h, front, 0))
-        return super().forward(x)
+        if self.pad_t > 0:
+            past = None if cache is None else cache.get(self)  # (B, C, pad_t, H, W)
+            if past is None:  # the stream's start: zero frames in front
+                B, C, _, H, W = x.shape
+                past = x.new_zeros(B, C, self.pad_t, H, W)
+            x = torch.cat([past.to(x), x], dim=2)  # (B, C, pad_t + T, H, W)
+            if cache is not None:
+                cache.keep(self, x[:, :, -self.pad_t :])
+        return F.conv3d(x, self.weight, self.bias, self.stride, (0, self.pad_h, self.pad_w))
+
+
+def _rms(x: Tensor, gamma: Tensor, scale: float) -> Tensor:
+    """x / |x| * scale * gamma over channels (dim 1), in float32 (or wider)."""
+    wide = torch.promote_types(x.dtype, torch.float32)
+    return F.normalize(x.to(wide), dim=1) * scale * gamma.to(wide)
+
+
+@fused_on_gpu
+def rms_norm(x: Tensor, gamma: Tensor, scale: float) -> Tensor:
+    return _rms(x, gamma, scale).to(x.dtype)
+
+
+@fused_on_gpu
+def rms_norm_silu(x: Tensor, gamma: Tensor, scale: float) -> Tensor:
+    """silu(rms_norm(x)), rounded once: what every residual branch and the head start
+    with. On the GPU one compiled kernel: one read and one write of x."""
+    return F.silu(_rms(x, gamma, scale)).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
-    """x / |x| * sqrt(C) * gamma, the norm taken over channels (dim 1) at every position.
-    `gamma` is (C, 1, 1, 1) for videos, (C, 1, 1) for frames, as in the checkpoint."""
+    """x / |x| * sqrt(C) * gamma, the norm taken over channels (dim 1) at every position,
+    in float32. `gamma` is (C, 1, 1, 1) for videos, (C, 1, 1) for frames, as in the
+    checkpoint."""
 
     def __init__(self, channels: int, images: bool = False):
         super().__init__()
         self.scale = channels**0.5
         self.gamma = nn.Parameter(torch.ones((channels,) + (1,) * (2 if images else 3)))
 
-    def forward(self, x: Tensor) -> Tensor:
-        # half precision normalises in float32 (as diffusers does)
-        normed = F.normalize(x.float() if x.element_size() < 4 else x, dim=1).to(x.dtype)
-        return normed * self.scale * self.gamma
-
-
-_STATELESS = (RMSNorm, nn.SiLU, nn.Identity)  # layers that take no cache
-
-
-def _run(layers: nn.Sequential, x: Tensor, cache: FrameCache) -> Tensor:
-    """Runs a Sequential whose causal members take the stream's cache."""
-    for layer in layers:
-        x = layer(x) if isinstance(layer, _STATELESS) else layer(x, cache)
-    return x
+    def forward(self, x: Tensor, silu: bool = False) -> Tensor:
+        return (rms_norm_silu if silu else rms_norm)(x, self.gamma, self.scale)
 
 
 class ResidualBlock(nn.Module):
     """x + conv(silu(norm(conv(silu(norm(x)))))); a 1x1x1 conv on the skip when widths
-    differ. `residual` keeps the checkpoint's indices: 0 norm, 2 conv, 3 norm, 6 conv."""
+    differ. `residual` keeps the checkpoint's indices: 0 norm, 2 conv, 3 norm, 6 conv
+    (1 and 4 are the SiLUs, fused into the norms; 5 is dropout, in training)."""
 
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
@@ -177,13 +198,16 @@ class ResidualBlock(nn.Module):
             CausalConv3d(c_in, c_out, 3, padding=1),
             RMSNorm(c_out),
             nn.SiLU(),
-            nn.Identity(),  # dropout, in training
+            nn.Identity(),
             CausalConv3d(c_out, c_out, 3, padding=1),
         )
         self.shortcut = CausalConv3d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: Tensor, cache: FrameCache) -> Tensor:
-        return self.shortcut(x) + _run(self.residual, x, cache)
+        r = self.residual
+        h = r[2](r[0](x, silu=True), cache)
+        h = r[6](r[3](h, silu=True), cache)
+        return h.add_(self.shortcut(x))
 
 
 class AttentionBlock(nn.Module):
@@ -204,6 +228,23 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: Tensor, cache: FrameCache | None = None) -> Tensor:
         return x + _per_frame(self._attend, x)  # frames alone: nothing to remember
+
+
+@fused_on_gpu
+def double_space(x: Tensor) -> Tensor:
+    """Nearest x2 in H and W: (B, C, T, H, W) -> (B, C, T, 2H, 2W)."""
+    B, C, T, H, W = x.shape
+    return x[..., None, :, None].expand(B, C, T, H, 2, W, 2).reshape(B, C, T, 2 * H, 2 * W)
+
+
+@fused_on_gpu
+def double_time_and_space(y: Tensor) -> Tensor:
+    """time_conv's (B, 2C, T, H, W), channels [0, C) the first of each pair of frames and
+    [C, 2C) the second, -> (B, C, 2T, 2H, 2W) with nearest x2 in H and W: one pass."""
+    B, C2, T, H, W = y.shape
+    y = y.view(B, 2, C2 // 2, T, H, W).permute(0, 2, 3, 1, 4, 5)  # (B, C, T, 2, H, W)
+    y = y[..., None, :, None].expand(B, C2 // 2, T, 2, H, 2, W, 2)
+    return y.reshape(B, C2 // 2, 2 * T, 2 * H, 2 * W)
 
 
 class Resample(nn.Module):
@@ -232,22 +273,17 @@ class Resample(nn.Module):
             self.time_conv = CausalConv3d(c, c, (3, 1, 1), stride=(2, 1, 1))
 
     def forward(self, x: Tensor, cache: FrameCache) -> Tensor:
-        if self.mode == "upsample3d":
-            x = self._double_time(x, cache)
-        x = _per_frame(self.resample, x)
-        if self.mode == "downsample3d":
-            x = self._halve_time(x, cache)
-        return x
-
-    def _double_time(self, x: Tensor, cache: FrameCache) -> Tensor:
-        if self not in cache:  # the chunk of frame 0: one frame stays one frame
-            cache[self] = True
-            return x
-        y = self.time_conv(x, cache)  # (B, 2C, T, H, W), causal over the frames after 0
-        B, C2, T, H, W = y.shape
-        # channels [0, C) are the first of each pair of frames, [C, 2C) the second
-        y = y.view(B, 2, C2 // 2, T, H, W).permute(0, 2, 3, 1, 4, 5)  # (B, C, T, 2, H, W)
-        return y.reshape(B, C2 // 2, 2 * T, H, W)
+        conv = self.resample[1]  # a Conv2d (the checkpoint's shape), run on every frame
+        weight = conv.weight.unsqueeze(2)  # (C_out, C_in, 1, k, k): frames stay apart
+        if self.mode.startswith("up"):
+            if self.mode == "upsample3d" and self in cache:
+                x = double_time_and_space(self.time_conv(x, cache))  # (B, C, 2T, 2H, 2W)
+            else:  # 2d, or the chunk of frame 0: one frame stays one frame
+                cache[self] = True
+                x = double_space(x)  # (B, C, T, 2H, 2W)
+            return F.conv3d(x, weight, conv.bias, padding=(0, 1, 1))
+        x = F.conv3d(F.pad(x, (0, 1, 0, 1)), weight, conv.bias, stride=(1, 2, 2))
+        return self._halve_time(x, cache) if self.mode == "downsample3d" else x
 
     def _halve_time(self, x: Tensor, cache: FrameCache) -> Tensor:
         past = cache.get(self)  # the last frame of the previous chunk
@@ -266,14 +302,26 @@ def _middle(channels: int) -> nn.Sequential:
     )
 
 
-def _head(c_in: int, c_out: int) -> nn.Sequential:
-    """norm, silu, conv: indices 0 and 2 carry weights."""
-    return nn.Sequential(RMSNorm(c_in), nn.SiLU(), CausalConv3d(c_in, c_out, 3, padding=1))
+class Head(nn.Sequential):
+    """norm, silu, conv: indices 0 and 2 carry weights (the SiLU is fused into the norm)."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__(RMSNorm(c_in), nn.SiLU(), CausalConv3d(c_in, c_out, 3, padding=1))
+
+    def forward(self, x: Tensor, cache: FrameCache) -> Tensor:
+        return self[2](self[0](x, silu=True), cache)
+
+
+def _run(layers: nn.Sequential, x: Tensor, cache: FrameCache) -> Tensor:
+    """Runs a Sequential of blocks that take the stream's cache."""
+    for layer in layers:
+        x = layer(x, cache)
+    return x
 
 
 class Encoder(nn.Module):
     """A chunk of video (B, 3, t, H, W) -> (B, 2 z_dim, t', H/8, W/8): mean, log-variance.
-    t = 1 (frame 0) gives t' = 1; then chunks of 4 frames give one latent frame each."""
+    t = 1 (frame 0, alone) gives t' = 1; then chunks of 4k frames give k latent frames."""
 
     def __init__(self, cfg: WanVAEConfig):
         super().__init__()
@@ -290,19 +338,20 @@ class Encoder(nn.Module):
                 layers.append(Resample(c, "downsample3d" if time else "downsample2d"))
         self.downsamples = nn.Sequential(*layers)
         self.middle = _middle(c)
-        self.head = _head(c, 2 * cfg.z_dim)
+        self.head = Head(c, 2 * cfg.z_dim)
 
     def forward(self, x: Tensor, cache: FrameCache) -> Tensor:
         x = self.conv1(x, cache)
         x = _run(self.downsamples, x, cache)
         x = _run(self.middle, x, cache)
-        return _run(self.head, x, cache)
+        return self.head(x, cache)
 
 
 class Decoder(nn.Module):
-    """One latent frame (B, z_dim, 1, h, w) -> (B, 3, t, 8h, 8w): t = 1 for latent frame 0,
-    4 for the others. `upsamples` runs from the deepest level up; each upsampling conv
-    halves the width, so the next level's first block starts at half width."""
+    """Latent frames (B, z_dim, t, h, w) -> (B, 3, t', 8h, 8w): latent frame 0 (alone) gives
+    t' = 1, then a chunk of t latent frames gives 4t. `upsamples` runs from the deepest
+    level up; each upsampling conv halves the width, so the next level's first block
+    starts at half width."""
 
     def __init__(self, cfg: WanVAEConfig):
         super().__init__()
@@ -320,13 +369,18 @@ class Decoder(nn.Module):
                 layers.append(Resample(c, "upsample3d" if time else "upsample2d"))
                 c = c // 2
         self.upsamples = nn.Sequential(*layers)
-        self.head = _head(c, 3)
+        self.head = Head(c, 3)
 
     def forward(self, x: Tensor, cache: FrameCache) -> Tensor:
         x = self.conv1(x, cache)
         x = _run(self.middle, x, cache)
         x = _run(self.upsamples, x, cache)
-        return _run(self.head, x, cache)
+        return self.head(x, cache)
+
+
+# ---------------------------------------------------------------------------------------
+# tiling
+# ---------------------------------------------------------------------------------------
 
 
 # ---------------------------------------------------------------------------------------
@@ -337,9 +391,9 @@ class Decoder(nn.Module):
 class WanVAE(nn.Module):
     """`encoder`, `conv1` (mean and log-variance, 1x1x1), `conv2` (latent, 1x1x1), `decoder`.
 
-    encode: video (B, 3, 1 + 4k, H, W) in [-1, 1] -> z (B, 16, 1 + k, H/8, W/8), normalised.
-    decode / decode_tiled / decode_stream: z -> video in [-1, 1], clamped (as Wan's
-    WanVAE.decode and diffusers' AutoencoderKLWan.decode do), 1 + 4(T - 1) frames."""
+    encode(_video): video (B, 3, 1 + 4k, H, W) in [-1, 1] -> z (B, 16, 1 + k, H/8, W/8),
+    normalised. decode / decode_stream / decode_video: z -> 1 + 4(T - 1) frames in [-1, 1],
+    clamped (as Wan and diffusers do). *_video: for large videos (tiled, bounded memory)."""
 
     def __init__(self, config: WanVAEConfig):
         super().__init__()
@@ -371,6 +425,18 @@ class WanVAE(nn.Module):
     def video_frames(self, latent_frames: int) -> int:
         """1 + k latent frames -> 1 + 4k video frames."""
         return 1 + self.temporal_factor * (latent_frames - 1)
+
+    def _chunks(self, latent_frames: int, chunk: int) -> list[tuple[slice, slice]]:
+        """(latent frames, video frames) of each call of a stream: latent frame 0 alone,
+        then `chunk` latent frames (4 * chunk video frames) at a time."""
+        starts = [0, *range(1, latent_frames, chunk)]
+        ends = [*starts[1:], latent_frames]
+        first = lambda t: 0 if t == 0 else self.video_frames(t)  # latent t's first frame
+        return [(slice(a, b), slice(first(a), self.video_frames(b))) for a, b in zip(starts, ends)]
+
+    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        p = next(self.parameters())
+        return p.device, p.dtype
 
     # --- normalisation -----------------------------------------------------------------
 
@@ -408,89 +474,116 @@ class WanVAE(nn.Module):
         if z.ndim != 5 or z.shape[1] != c or z.shape[2] < 1:
             raise ValueError(f"latent must be (B, {c}, T, h, w) with T >= 1, got {tuple(z.shape)}")
 
-    # --- encode ------------------------------------------------------------------------
+    # --- one call of a stream ----------------------------------------------------------
+
+    def _encode_chunk(self, x: Tensor, cache: FrameCache) -> Tensor:
+        """Video frames (B, 3, 1 or 4k, H, W), frame 0 alone, on any device -> normalised
+        z (B, 16, 1 or k, H/8, W/8) on the VAE's device: the encoder's mean (the
+        log-variance is dropped)."""
+        device, dtype = self._device_dtype()
+        mu = self.conv1(self.encoder(x.to(device, dtype), cache))[:, : self.config.z_dim]
+        return self.normalize(mu)
+
+    def _decode_chunk(self, z: Tensor, cache: FrameCache) -> Tensor:
+        """Normalised latent frames (B, 16, t, h, w), latent frame 0 alone, on any device ->
+        (B, 3, 1 or 4t, 8h, 8w) on the VAE's device, not clamped. conv2 is 1x1x1, so it
+        runs here chunk by chunk, tile by tile."""
+        device, dtype = self._device_dtype()
+        return self.decoder(self.conv2(self.denormalize(z.to(device)).to(dtype)), cache)
+
+    # --- whole frames ------------------------------------------------------------------
 
     def encode(self, video: Tensor) -> Tensor:
-        """Video (B, 3, 1 + 4k, H, W) in [-1, 1] -> z (B, 16, 1 + k, H/8, W/8), normalised.
-
-        The encoder's mean (the log-variance is dropped), coded causally: frame 0, then 4
-        frames at a time. Memory is that of a 4-frame chunk plus the output."""
+        """Video (B, 3, 1 + 4k, H, W) in [-1, 1] -> z (B, 16, 1 + k, H/8, W/8), normalised,
+        on the VAE's device; frame 0, then 4 frames at a time, over the whole frame."""
         self._check_video(video)
-        f = self.temporal_factor
         cache = FrameCache()
-        T = video.shape[2]
-        chunks = [video[:, :, :1]] + [video[:, :, t : t + f] for t in range(1, T, f)]
-        mu = [self.conv1(self.encoder(c, cache))[:, : self.config.z_dim] for c in chunks]
-        return self.normalize(torch.cat(mu, dim=2))
-
-    # --- decode ------------------------------------------------------------------------
+        chunks = self._chunks(self.latent_frames(video.shape[2]), 1)
+        return torch.cat([self._encode_chunk(video[:, :, v], cache) for _, v in chunks], dim=2)
 
     def decode(self, z: Tensor) -> Tensor:
         """z (B, 16, T, h, w) -> video (B, 3, 1 + 4(T - 1), 8h, 8w), clamped to [-1, 1]."""
         return torch.cat(list(self.decode_stream(z)), dim=2)
 
-    def decode_tiled(
-        self, z: Tensor, tile: int = 32, overlap: int = 8, cache_device=None
-    ) -> Tensor:
-        """`decode` in overlapping spatial tiles of `tile` latent pixels (32 = 256 video
-        pixels), blended over `overlap`. Equal to `decode` when the latent fits in one tile.
-        The whole video is returned; `decode_stream` avoids holding it."""
-        return torch.cat(list(self.decode_stream(z, tile, overlap, cache_device)), dim=2)
-
-    def decode_stream(
-        self, z: Tensor, tile: int | None = None, overlap: int = 8, cache_device=None
-    ) -> Iterator[Tensor]:
-        """Yields the video of z (B, 16, T, h, w) one latent frame at a time: (B, 3, 1, 8h,
-        8w) for frame 0, then (B, 3, 4, 8h, 8w) per latent frame; clamped to [-1, 1].
-        Concatenated along time they are `decode(z)` (`decode_tiled(z)` with `tile`).
-
-        tile, overlap: spatial tiles in latent pixels (None: the whole frame at once).
-        Every tile keeps its own FrameCache for the whole video; `cache_device="cpu"`
-        keeps those off the accelerator. Call it under torch.no_grad() (or
-        inference_mode) to keep memory that of one tile and the caches. Arguments are
-        checked here, before the first frame is asked for."""
+    def decode_stream(self, z: Tensor, chunk: int = 1) -> Iterator[Tensor]:
+        """Yields the video of z (B, 16, T, h, w) as it is made, on the VAE's device, clamped:
+        frame 0, then 4 * chunk frames per call; together `decode(z)`. Whole frames, one
+        cache: for small videos (large: `decode_video`). Use under torch.no_grad(). Checks
+        its arguments here, before the first frame is asked for."""
         self._check_latent(z)
-        if tile is None:
-            return self._stream(z, cache_device)
-        check_tiling(tile, overlap)
-        return self._stream_tiled(z, tile, overlap, cache_device)
+        check_tiles(None, 0, chunk)
+        return self._stream(z, chunk)
 
-    def _stream(self, z: Tensor, cache_device) -> Iterator[Tensor]:
-        cache = FrameCache(cache_device)
-        for t in range(z.shape[2]):
-            yield self._decode_step(z[:, :, t : t + 1], cache).clamp(-1.0, 1.0)
+    def _stream(self, z: Tensor, chunk: int) -> Iterator[Tensor]:
+        cache = FrameCache()
+        for lat, _ in self._chunks(z.shape[2], chunk):
+            yield self._decode_chunk(z[:, :, lat], cache).clamp(-1.0, 1.0)
 
-    def _stream_tiled(self, z: Tensor, tile: int, overlap: int, cache_device) -> Iterator[Tensor]:
-        T, h, w = z.shape[2:]
+    # --- tiles outer, time inner -------------------------------------------------------
+
+    @torch.no_grad()
+    def decode_video(self, z: Tensor, tile=None, overlap: int = 8, chunk: int = 1, out_dtype=None):
+        """z (B, 16, T, h, w), normalised, on any device -> video (B, 3, 1 + 4(T - 1), 8h,
+        8w) on the CPU, clamped to [-1, 1]. No gradients (an inference path).
+
+        tile: the largest tile side in latent pixels, an int or an (h, w) pair (None: the
+        whole frame, then equal to `decode(z)`); tiles are balanced (`balanced_tiles`) and
+        overlap by >= `overlap` latent pixels. Each tile runs through the whole video
+        (latent frame 0, then `chunk` latent frames at a time) with its own cache; each
+        chunk is weighted on the device and added into its region of the output.
+
+        out_dtype: the output buffer's (the blend sums in it, then clamps). Default float16
+        for a half or bfloat16 VAE: the video in half the memory of float32, and its
+        rounding (2^-11 at 1; with the float16 blend weights, measured 4.9e-4) is far below
+        an 8-bit output's step of 1/127.5; float32 otherwise.
+        Memory: device, one tile's activations for `chunk` latent frames + its cache;
+        host, the output video + one tile-chunk."""
+        self._check_latent(z)
+        check_tiles(tile, overlap, chunk)
+        B, _, T, h, w = z.shape
         f = self.spatial_factor
-        tiles = _tiles(h, w, tile, overlap, f)
-        caches = [FrameCache(cache_device) for _ in tiles]
-        for t in range(T):
-            out = None
-            for (ys, xs, weight), cache in zip(tiles, caches):
-                part = self._decode_step(z[:, :, t : t + 1, ys, xs], cache)  # (B, 3, n, 8th, 8tw)
-                if out is None:  # (B, 3, n, 8h, 8w), summed in float32
-                    out = part.new_zeros(part.shape[:3] + (h * f, w * f), dtype=torch.float32)
-                ys_out, xs_out = slice(ys.start * f, ys.stop * f), slice(xs.start * f, xs.stop * f)
-                out[..., ys_out, xs_out] += part * weight.to(part.device)
-            yield out.to(part.dtype).clamp(-1.0, 1.0)
+        device, dtype = self._device_dtype()
+        half = dtype in (torch.float16, torch.bfloat16)
+        out_dtype = out_dtype or (torch.float16 if half else torch.float32)
+        video = torch.zeros(B, 3, self.video_frames(T), h * f, w * f, dtype=out_dtype)
+        tiles = tiling(h, w, tile, overlap, f)
+        for rows, cols, wy, wx in tiles:
+            weight = (wy.to(device)[:, None] * wx.to(device)).to(out_dtype)  # once per tile
+            out = video[:, :, :, scaled(rows, f), scaled(cols, f)]  # a view: its region
+            cache = FrameCache()  # this tile's, for all its frames
+            for lat, vid in self._chunks(T, chunk):
+                part = self._decode_chunk(z[:, :, lat, rows, cols], cache).to(out_dtype)
+                if len(tiles) == 1:  # the whole frame, weight 1: no blend, a copy
+                    out[:, :, vid].copy_(part)
+                else:
+                    out[:, :, vid].add_(part.mul_(weight).cpu())
+            del cache, part  # before the next tile starts
+        return video.clamp_(-1.0, 1.0)
 
-    def _decode_step(self, frame: Tensor, cache: FrameCache) -> Tensor:
-        """One normalised latent frame (B, 16, 1, h, w) -> (B, 3, 1 or 4, 8h, 8w), not
-        clamped. conv2 is 1x1x1, so it runs here tile by tile, frame by frame."""
-        return self.decoder(self.conv2(self.denormalize(frame)), cache)
+    @torch.no_grad()
+    def encode_video(self, video: Tensor, tile=None, overlap: int = 8, chunk: int = 1) -> Tensor:
+        """Video (B, 3, 1 + 4k, H, W) in [-1, 1], on any device (typically the CPU) -> z
+        (B, 16, 1 + k, H/8, W/8), normalised, on the VAE's device, in its dtype. No grads.
 
-
-def _tiles(h: int, w: int, tile: int, overlap: int, f: int) -> list[tuple[slice, slice, Tensor]]:
-    """The tiles of an h x w latent frame, in raster order: (latent rows, latent columns,
-    weight of each output pixel (th * f, tw * f)). The weights are the linear-ramp blend
-    of models/autoencoder.py and add up to 1 at every output pixel."""
-    th, tw = min(tile, h), min(tile, w)
-    ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
-    wys = blend_weights([y * f for y in ys], th * f, h * f)
-    wxs = blend_weights([x * f for x in xs], tw * f, w * f)
-    return [
-        (slice(y, y + th), slice(x, x + tw), wy[:, None] * wx[None, :])
-        for y, wy in zip(ys, wys)
-        for x, wx in zip(xs, wxs)
-    ]
+        tile, overlap: in latent pixels, as for `decode_video` (a video tile is 8x that;
+        None: the whole frame, then equal to `encode(video)`). Each tile runs through the
+        whole video (frame 0, then 4 * chunk frames at a time, each moved to the device)
+        with its own cache; the latent tiles are blended into a float32 buffer on the
+        device (1/48 of the video's numbers), returned in the VAE's dtype.
+        Memory: device, one tile's activations for 4 * chunk frames + its cache + the
+        latent; host, the input video."""
+        self._check_video(video)
+        check_tiles(tile, overlap, chunk)
+        B, _, frames, H, W = video.shape
+        s = self.spatial_factor
+        device, dtype = self._device_dtype()
+        shape = (B, self.config.z_dim, self.latent_frames(frames), H // s, W // s)
+        z = torch.zeros(shape, device=device)  # float32 sums
+        for rows, cols, wy, wx in tiling(H // s, W // s, tile, overlap, 1):
+            weight = wy.to(device)[:, None] * wx.to(device)  # float32, once per tile
+            x = video[:, :, :, scaled(rows, s), scaled(cols, s)]  # a view, moved by chunks
+            cache = FrameCache()  # this tile's, for all its frames
+            for lat, vid in self._chunks(shape[2], chunk):
+                z[:, :, lat, rows, cols].addcmul_(self._encode_chunk(x[:, :, vid], cache), weight)
+            del cache  # before the next tile starts
+        return z.to(dtype)

@@ -179,11 +179,23 @@ def test_wan_models(tmp_path, monkeypatch):
     vcfg = wan_vae.PRESETS["tiny"]
     cpu, path = saved(tmp_path, wan_vae.WanVAE(vcfg), "vae.safetensors")
     gpu = load_wan_vae(path, config=vcfg, device="cuda", dtype=torch.float32)
-    z = torch.randn(1, 16, 2, 10, 12, generator=g) * 0.1
-    tiled = gpu.decode_tiled(z.cuda(), tile=6, overlap=2)
-    assert_close(tiled, cpu.decode_tiled(z, tile=6, overlap=2), "wan vae decode_tiled")
-    video = torch.rand(1, 3, 5, 32, 48, generator=g) * 2 - 1
+    z = torch.randn(1, 16, 3, 10, 12, generator=g) * 0.1
+    ref = cpu.decode_video(z, tile=6, overlap=2)
+    for fuse in (True, False):  # the compiled norm / upsample kernels, and eager
+        monkeypatch.setattr(flux, "FUSE_ON_GPU", fuse)
+        for chunk in (1, 2):
+            out = gpu.decode_video(z.cuda(), tile=6, overlap=2, chunk=chunk)
+            assert_close(out, ref, f"wan vae decode_video fused={fuse} chunk={chunk}")
+    video = torch.rand(1, 3, 9, 32, 48, generator=g) * 2 - 1
+    ref = cpu.encode_video(video, tile=3, overlap=1)
+    assert_close(gpu.encode_video(video, tile=3, overlap=1), ref, "wan vae encode_video")
     assert_close(gpu.encode(video.cuda()), cpu.encode(video), "wan vae encode")
+    half = gpu.to(torch.bfloat16)  # bf16 on the GPU against fp32: mean abs error < 1e-2
+    err = (
+        half.decode_video(z.cuda(), tile=6, overlap=2).float()
+        - cpu.decode_video(z, tile=6, overlap=2)
+    ).abs()
+    assert err.mean() < 1e-2, err.mean()
 
     ucfg = umt5.PRESETS["tiny"]
     cpu, path = saved(tmp_path, umt5.UMT5Encoder(ucfg), "umt5.safetensors")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import sample
-from models import sampling
+from models import demo, media, sampling
 
 # small runs: 256 px = 16x16 tokens = 4 windows of 8x8 at ratio 4 (guidance 4x4)
 SMALL = ["--levels", "64,256", "--window", "8", "--steps", "6", "--skip", "2"]
@@ -20,7 +20,7 @@ def run(tmp_path, name, *argv):
     out = tmp_path / name
     assert sample.main(["flux", "--demo", "--out", str(out), *argv]) == 0
     data = out.read_bytes()
-    return data, sample.read_png(data)
+    return data, media.read_png(data)
 
 
 def pixels(data: bytes) -> bytes:
@@ -172,28 +172,6 @@ def test_early_stop_on_memory(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------
-# the PNG writer
-# ---------------------------------------------------------------------------------------
-
-
-def test_png_round_trip():
-    rgb = torch.randint(0, 256, (5, 7, 3), dtype=torch.uint8, generator=torch.Generator())
-    data = sample.png_bytes(rgb, {"parameters": '{"a": 1}', "Comment": "hi"})
-    info = sample.read_png(data)
-    assert (info["width"], info["height"], info["bit_depth"], info["color_type"]) == (7, 5, 8, 2)
-    assert info["text"] == {"parameters": '{"a": 1}', "Comment": "hi"}
-    rows = pixels(data)
-    assert len(rows) == 5 * (1 + 7 * 3)
-    assert rows[1 : 1 + 21] == rgb[0].flatten().numpy().tobytes()
-    PIL = pytest.importorskip("PIL.Image")
-    import io
-
-    im = PIL.open(io.BytesIO(data))
-    assert im.size == (7, 5) and im.mode == "RGB" and im.info["Comment"] == "hi"
-    assert torch.equal(torch.tensor(list(im.getdata()), dtype=torch.uint8).view(5, 7, 3), rgb)
-
-
-# ---------------------------------------------------------------------------------------
 # whole runs
 # ---------------------------------------------------------------------------------------
 
@@ -298,7 +276,7 @@ def test_loras(tmp_path):
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(0)
-    model = sample.demo_models("cpu", torch.float32).transformer
+    model = demo.flux_models("cpu", torch.float32).transformer
     lora.add_guidance_lora(model, rank=4, alpha=4)
     for m in lora.lora_modules(model).values():
         m.lora_B.weight.data.normal_(0, 0.5, generator=g)

@@ -14,7 +14,7 @@ import torch
 import sample
 import train
 from attention import MaskRule, Plan
-from models import lora, sampling
+from models import lora, media, sampling
 from models.flux import Flux, layout_ids, pack, preset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def write_png(path: Path, seed: int, h: int, w: int):
     g = torch.Generator().manual_seed(seed)
     rgb = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8)
-    path.write_bytes(sample.png_bytes(rgb, {}))
+    path.write_bytes(media.png_bytes(rgb, {}))
 
 
 @pytest.fixture(scope="module")
