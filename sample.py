@@ -507,12 +507,12 @@ def run_wan(args) -> int:
         free_memory(device)
         # 2. the transformer and the VAE
         m = load_wan_parts(args, device, dtype, ("transformer", "vae"))
-        variant = "demo" if args.demo else wan.variant_of(m.transformer.config)
+        variant = "wan-tiny-demo" if args.demo else wan.variant_of(m.transformer.config)
         args.size = args.size or wan_t2v.default_size(variant)
         warning = None if args.demo else wan_t2v.size_warning(variant, args.size)
         if warning:
             note(f"warning   {warning}")
-        note(f"model     {variant}{' (tiny demo)' if args.demo else ''} on {device}, {dtype}")
+        note(f"model     {variant} on {device}, {dtype}")
         est = wan_t2v.peak_memory(m.transformer, m.vae, args.size, args.frames)
         h, w = args.size
         check_memory(args, device, est, f"{w}x{h}x{args.frames} ", "a smaller --size or --frames")
